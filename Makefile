@@ -1,0 +1,20 @@
+# Developer entry points; README's two commands are `make setup demo` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint bench protos
+
+setup:
+	bash scripts/setup.sh
+
+demo:
+	$(PY) -m dsv3.cli demo
+
+test: lint
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench:
+	$(PY) benchmarks/bench_model.py

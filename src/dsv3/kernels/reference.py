@@ -1,0 +1,87 @@
+"""Pure-torch reference implementations of every op in `dsv3.kernels.ops`.
+
+These run anywhere (CPU, CUDA, meta) and define the semantics the Triton kernels are tested against.
+
+Shape legend: T tokens, D hidden, K experts per token, E experts, F expert width, N = T*K routed rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, as the checkpoint's reference does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a [..., 2F] tensor holding [gate | up]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def permute_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the N = T*K (token, slot) rows by expert.
+
+    Returns `order_N` (flat row index in expert order; row r is token r // K, slot r % K) and
+    `counts_E` (rows per expert). A stable sort keeps each expert's rows in token order.
+    """
+    flat_N = topk_ids_TK.reshape(-1)
+    order_N = torch.argsort(flat_N, stable=True)
+    counts_E = torch.bincount(flat_N, minlength=num_experts)
+    return order_N, counts_E
+
+
+def _experts_looped(x_ND: torch.Tensor, counts: list[int], w_gate_up_EHD: torch.Tensor,
+                    w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """One matmul pair per expert on contiguous slices; best when the load is very uneven."""
+    outputs = []
+    for expert, rows in enumerate(x_ND.split(counts)):
+        if rows.shape[0] == 0:
+            continue
+        outputs.append(swiglu(rows @ w_gate_up_EHD[expert].T) @ w_down_EDF[expert].T)
+    if not outputs:
+        return x_ND.new_zeros(0, w_down_EDF.shape[1])
+    return torch.cat(outputs)
+
+
+def _experts_padded(x_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor, capacity: int,
+                    w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """All experts in two batched matmuls over rows padded to the largest expert's count."""
+    num_experts = w_gate_up_EHD.shape[0]
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slot_N = torch.arange(x_ND.shape[0], device=x_ND.device) - starts_E[expert_N]
+    padded_ECD = x_ND.new_zeros(num_experts, capacity, x_ND.shape[1])
+    padded_ECD = padded_ECD.index_put((expert_N, slot_N), x_ND)
+    hidden_ECF = swiglu(torch.bmm(padded_ECD, w_gate_up_EHD.transpose(1, 2)))
+    out_ECD = torch.bmm(hidden_ECF, w_down_EDF.transpose(1, 2))
+    return out_ECD[expert_N, slot_N]
+
+
+def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
+                w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
+    """Routed-expert SwiGLU FFN: y[t] = sum_k w[t,k] * down_e(silu(gate_e(x)) * up_e(x)), e = ids[t,k].
+
+    `w_gate_up_EHD` is [E, 2F, D] (gate rows then up rows), `w_down_EDF` is [E, D, F].
+    Tokens are dispatched by one sort; there is no Python loop over tokens.
+    """
+    num_tokens, top_k = topk_ids_TK.shape
+    num_experts = w_gate_up_EHD.shape[0]
+    order_N, counts_E = permute_by_expert(topk_ids_TK, num_experts)
+    x_ND = x_TD.index_select(0, order_N // top_k)
+    expert_N = topk_ids_TK.reshape(-1).index_select(0, order_N)
+    rows = order_N.numel()
+    capacity = int(counts_E.max()) if rows else 0
+    if rows and num_experts * capacity <= 2 * rows:
+        out_ND = _experts_padded(x_ND, expert_N, counts_E, capacity, w_gate_up_EHD, w_down_EDF)
+    else:
+        out_ND = _experts_looped(x_ND, counts_E.tolist(), w_gate_up_EHD, w_down_EDF)
+    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)
+    # Un-permute by writing each row back to its (token, slot) position, then sum over slots:
+    # deterministic, no atomic scatter-add.
+    out_flat = torch.empty_like(out_ND).index_copy(0, order_N, out_ND * weights_N[:, None])
+    return out_flat.view(num_tokens, top_k, -1).sum(1).to(x_TD.dtype)
