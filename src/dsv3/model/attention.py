@@ -1,0 +1,114 @@
+"""Multi-head Latent Attention (MLA).
+
+Keys and values are rebuilt from a low-rank latent c_KV (kv_lora_rank wide) plus one rope key shared
+by every head. Two paths compute the same function:
+
+- `forward_full` (training, prefill): expand the latent through `kv_b_proj` into per-head keys and
+  values and run ordinary causal attention.
+- `forward_cached` (incremental decoding): keep only the latent and the rope key in the cache and
+  absorb `kv_b_proj` into the query (scores = (q_nope W_uk) . c_KV) and into the output
+  (o = (p . c_KV) W_uv), so per-head keys and values are never materialised.
+
+Legend: B batch, T new tokens, S cached+new tokens, H heads, N qk_nope dim, R rope dim, V v dim,
+C kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model.cache import KVCache
+from dsv3.model.config import ModelConfig
+from dsv3.model.layers import RMSNorm
+from dsv3.model.rope import apply_rotary
+
+# DeepSeek's checkpoints normalise the two latents with this eps whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        qk_dim = config.qk_head_dim
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
+
+    # ---- shared projections ----------------------------------------------------------------------
+    def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """Per-head (q_nope [B,T,H,N], rotated q_rope [B,T,H,R])."""
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q_BTHK = q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
+        q_nope, q_rope = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rotary(q_rope, cos, sin)
+
+    def _latents(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """(normalised latent c_KV [B,T,C], rotated shared rope key [B,T,R]): what the cache stores."""
+        latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        rope_key = apply_rotary(rope_key[:, :, None, :], cos, sin)[:, :, 0, :]
+        return self.kv_a_layernorm(latent), rope_key
+
+    # ---- full path -------------------------------------------------------------------------------
+    def forward_full(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x_BTD.shape
+        q_nope, q_rope = self._queries(x_BTD, cos, sin)
+        latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
+        kv_BTHX = self.kv_b_proj(latent_BTC).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
+        k_nope, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
+        rope_key_BTHR = rope_key_BTR[:, :, None, :].expand(-1, -1, self.num_heads, -1)
+        q_BHTK = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        k_BHTK = torch.cat((k_nope, rope_key_BTHR), dim=-1).transpose(1, 2)
+        out_BHTV = F.scaled_dot_product_attention(
+            q_BHTK, k_BHTK, v_BTHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )
+        return self.o_proj(out_BHTV.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.v_dim))
+
+    # ---- absorbed, cached path -------------------------------------------------------------------
+    def forward_cached(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       layer: int) -> torch.Tensor:
+        batch, tokens, _ = x_BTD.shape
+        q_nope, q_rope = self._queries(x_BTD, cos, sin)
+        latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
+        latent_BSC, rope_key_BSR = cache.write(layer, latent_BTC, rope_key_BTR)
+        w_kv = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope_dim + self.v_dim))
+        w_uk_HNC, w_uv_HVC = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HNC)
+        scores_BHTS = (
+            torch.einsum("bthc,bsc->bhts", q_latent_BTHC, latent_BSC)
+            + torch.einsum("bthr,bsr->bhts", q_rope, rope_key_BSR)
+        ) * self.softmax_scale
+        cached = latent_BSC.shape[1] - tokens
+        query_pos = torch.arange(tokens, device=x_BTD.device)[:, None] + cached
+        key_pos = torch.arange(latent_BSC.shape[1], device=x_BTD.device)[None, :]
+        scores_BHTS = scores_BHTS.masked_fill(key_pos > query_pos, float("-inf"))
+        probs_BHTS = scores_BHTS.float().softmax(dim=-1).to(latent_BSC.dtype)
+        out_latent_BTHC = torch.einsum("bhts,bsc->bthc", probs_BHTS, latent_BSC)
+        out_BTHV = torch.einsum("bthc,hvc->bthv", out_latent_BTHC, w_uv_HVC)
+        return self.o_proj(out_BTHV.reshape(batch, tokens, self.num_heads * self.v_dim))
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if cache is None:
+            return self.forward_full(x_BTD, cos, sin)
+        return self.forward_cached(x_BTD, cos, sin, cache, layer)
