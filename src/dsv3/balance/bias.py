@@ -41,7 +41,7 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, ids_BTK: torch.Tensor, alpha
     f_i = E / (K T) * #tokens of the sequence routed to expert i (no gradient);
     P_i = mean over the sequence's tokens of s_i / sum_j s_j (normalised affinities).
     """
-    batch, tokens, experts = scores_BTE.shape
+    _, tokens, experts = scores_BTE.shape
     top_k = ids_BTK.shape[-1]
     chosen_BTE = torch.zeros_like(scores_BTE).scatter_(-1, ids_BTK, 1.0)
     f_BE = chosen_BTE.sum(1) * (experts / (top_k * tokens))

@@ -36,34 +36,30 @@ def permute_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torc
     return order_N, counts_E
 
 
-def _experts_looped(x_ND: torch.Tensor, counts: list[int], w_gate_up_EHD: torch.Tensor,
-                    w_down_EDF: torch.Tensor) -> torch.Tensor:
+def _experts_looped(
+    x_ND: torch.Tensor, counts: list[int], w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor
+) -> torch.Tensor:
     """One matmul pair per expert on contiguous slices; best when the load is very uneven."""
     outputs = []
-    for expert, rows in enumerate(x_ND.split(counts)):
+    # unbind once: indexing w[e] per expert would make autograd zero-fill a full-size gradient per expert.
+    for rows, w_gate_up, w_down in zip(
+        x_ND.split(counts), w_gate_up_EHD.unbind(0), w_down_EDF.unbind(0), strict=True
+    ):
         if rows.shape[0] == 0:
             continue
-        outputs.append(swiglu(rows @ w_gate_up_EHD[expert].T) @ w_down_EDF[expert].T)
+        outputs.append(swiglu(rows @ w_gate_up.T) @ w_down.T)
     if not outputs:
         return x_ND.new_zeros(0, w_down_EDF.shape[1])
     return torch.cat(outputs)
 
 
-def _experts_padded(x_ND: torch.Tensor, expert_N: torch.Tensor, counts_E: torch.Tensor, capacity: int,
-                    w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
-    """All experts in two batched matmuls over rows padded to the largest expert's count."""
-    num_experts = w_gate_up_EHD.shape[0]
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    slot_N = torch.arange(x_ND.shape[0], device=x_ND.device) - starts_E[expert_N]
-    padded_ECD = x_ND.new_zeros(num_experts, capacity, x_ND.shape[1])
-    padded_ECD = padded_ECD.index_put((expert_N, slot_N), x_ND)
-    hidden_ECF = swiglu(torch.bmm(padded_ECD, w_gate_up_EHD.transpose(1, 2)))
-    out_ECD = torch.bmm(hidden_ECF, w_down_EDF.transpose(1, 2))
-    return out_ECD[expert_N, slot_N]
-
-
-def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor,
-                w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor) -> torch.Tensor:
+def moe_experts(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_gate_up_EHD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+) -> torch.Tensor:
     """Routed-expert SwiGLU FFN: y[t] = sum_k w[t,k] * down_e(silu(gate_e(x)) * up_e(x)), e = ids[t,k].
 
     `w_gate_up_EHD` is [E, 2F, D] (gate rows then up rows), `w_down_EDF` is [E, D, F].
@@ -73,13 +69,7 @@ def moe_experts(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: 
     num_experts = w_gate_up_EHD.shape[0]
     order_N, counts_E = permute_by_expert(topk_ids_TK, num_experts)
     x_ND = x_TD.index_select(0, order_N // top_k)
-    expert_N = topk_ids_TK.reshape(-1).index_select(0, order_N)
-    rows = order_N.numel()
-    capacity = int(counts_E.max()) if rows else 0
-    if rows and num_experts * capacity <= 2 * rows:
-        out_ND = _experts_padded(x_ND, expert_N, counts_E, capacity, w_gate_up_EHD, w_down_EDF)
-    else:
-        out_ND = _experts_looped(x_ND, counts_E.tolist(), w_gate_up_EHD, w_down_EDF)
+    out_ND = _experts_looped(x_ND, counts_E.tolist(), w_gate_up_EHD, w_down_EDF)
     weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)
     # Un-permute by writing each row back to its (token, slot) position, then sum over slots:
     # deterministic, no atomic scatter-add.

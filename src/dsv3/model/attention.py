@@ -47,12 +47,15 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
 
     # ---- shared projections ----------------------------------------------------------------------
-    def _queries(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor]:
+    def _queries(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (q_nope [B,T,H,N], rotated q_rope [B,T,H,R])."""
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BTD)
@@ -62,11 +65,12 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
 
-    def _latents(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor]:
+    def _latents(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised latent c_KV [B,T,C], rotated shared rope key [B,T,R]): what the cache stores."""
         latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        rope_key = apply_rotary(rope_key[:, :, None, :], cos, sin)[:, :, 0, :]
+        rope_key = apply_rotary(rope_key.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_a_layernorm(latent), rope_key
 
     # ---- full path -------------------------------------------------------------------------------
@@ -79,14 +83,21 @@ class MultiHeadLatentAttention(nn.Module):
         rope_key_BTHR = rope_key_BTR[:, :, None, :].expand(-1, -1, self.num_heads, -1)
         q_BHTK = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k_BHTK = torch.cat((k_nope, rope_key_BTHR), dim=-1).transpose(1, 2)
-        out_BHTV = F.scaled_dot_product_attention(
-            q_BHTK, k_BHTK, v_BTHV.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        v_BHTV = v_BTHV.transpose(1, 2)
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.v_dim < qk_dim:
+            # Fused (flash) SDPA kernels want one head width; zero columns of V add zero output columns.
+            v_BHTV = F.pad(v_BHTV, (0, qk_dim - self.v_dim))
+        out_BHTX = F.scaled_dot_product_attention(
+            q_BHTK, k_BHTK, v_BHTV, is_causal=True, scale=self.softmax_scale
         )
-        return self.o_proj(out_BHTV.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.v_dim))
+        out_BTHV = out_BHTX[..., : self.v_dim].transpose(1, 2)
+        return self.o_proj(out_BTHV.reshape(batch, tokens, self.num_heads * self.v_dim))
 
     # ---- absorbed, cached path -------------------------------------------------------------------
-    def forward_cached(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                       layer: int) -> torch.Tensor:
+    def forward_cached(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int
+    ) -> torch.Tensor:
         batch, tokens, _ = x_BTD.shape
         q_nope, q_rope = self._queries(x_BTD, cos, sin)
         latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
@@ -107,8 +118,14 @@ class MultiHeadLatentAttention(nn.Module):
         out_BTHV = torch.einsum("bthc,hvc->bthv", out_latent_BTHC, w_uv_HVC)
         return self.o_proj(out_BTHV.reshape(batch, tokens, self.num_heads * self.v_dim))
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         if cache is None:
             return self.forward_full(x_BTD, cos, sin)
         return self.forward_cached(x_BTD, cos, sin, cache, layer)

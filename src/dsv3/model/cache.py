@@ -15,32 +15,44 @@ from dsv3.model.config import ModelConfig
 class KVCache:
     """Preallocated latent cache for `num_layers` layers, `batch` sequences, up to `max_length` tokens."""
 
-    def __init__(self, config: ModelConfig, num_layers: int, batch: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_layers: int,
+        batch: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
         if batch <= 0 or max_length <= 0:
             raise ValueError(f"KVCache needs batch > 0 and max_length > 0, got {batch}, {max_length}")
         self.max_length = max_length
         self.length = 0
-        self.latent_LBSC = torch.zeros(num_layers, batch, max_length, config.kv_lora_rank,
-                                       dtype=dtype, device=device)
-        self.rope_key_LBSR = torch.zeros(num_layers, batch, max_length, config.qk_rope_head_dim,
-                                         dtype=dtype, device=device)
+        self.latent_LBSC = torch.zeros(
+            num_layers, batch, max_length, config.kv_lora_rank, dtype=dtype, device=device
+        )
+        self.rope_key_LBSR = torch.zeros(
+            num_layers, batch, max_length, config.qk_rope_head_dim, dtype=dtype, device=device
+        )
 
     @property
     def batch(self) -> int:
         return self.latent_LBSC.shape[1]
 
-    def write(self, layer: int, latent_BTC: torch.Tensor, rope_key_BTR: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, latent_BTC: torch.Tensor, rope_key_BTR: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's entries after the cached ones; return everything cached for the layer so far."""
         new = latent_BTC.shape[1]
         end = self.length + new
         if latent_BTC.shape[0] != self.batch:
             raise ValueError(f"cache holds batch {self.batch}, got {latent_BTC.shape[0]} sequences")
         if end > self.max_length:
-            raise ValueError(f"KV cache full: {self.length} + {new} tokens exceeds max_length {self.max_length}")
-        self.latent_LBSC[layer, :, self.length:end] = latent_BTC
-        self.rope_key_LBSR[layer, :, self.length:end] = rope_key_BTR
+            raise ValueError(
+                f"KV cache full: {self.length} + {new} tokens exceeds max_length {self.max_length}"
+            )
+        self.latent_LBSC[layer, :, self.length : end] = latent_BTC
+        self.rope_key_LBSR[layer, :, self.length : end] = rope_key_BTR
         return self.latent_LBSC[layer, :, :end], self.rope_key_LBSR[layer, :, :end]
 
     def advance(self, num_tokens: int) -> None:

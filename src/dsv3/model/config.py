@@ -16,11 +16,32 @@ _CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Keys transformers or the DeepSeek release write that carry nothing this implementation needs.
 _IGNORED_KEYS = {
-    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "use_cache", "pretraining_tp", "attention_dropout", "output_router_logits", "aux_loss_alpha",
-    "seq_aux", "ep_size", "quantization_config", "head_dim", "qk_head_dim", "pad_token_id",
-    "num_mtp_layers", "rope_interleave", "moe_layer_freq", "topk_method", "scoring_func",
-    "router_aux_loss_coef", "tie_word_embeddings", "_name_or_path", "partial_rotary_factor",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "pretraining_tp",
+    "attention_dropout",
+    "output_router_logits",
+    "aux_loss_alpha",
+    "seq_aux",
+    "ep_size",
+    "quantization_config",
+    "head_dim",
+    "qk_head_dim",
+    "pad_token_id",
+    "num_mtp_layers",
+    "rope_interleave",
+    "moe_layer_freq",
+    "topk_method",
+    "scoring_func",
+    "router_aux_loss_coef",
+    "tie_word_embeddings",
+    "_name_or_path",
+    "partial_rotary_factor",
 }
 
 
@@ -183,17 +204,23 @@ class ModelConfig:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
         if raw.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ConfigError(f"scoring_func {raw['scoring_func']!r} is not supported (DeepSeek-V3 uses 'sigmoid')")
+            raise ConfigError(
+                f"scoring_func {raw['scoring_func']!r} is not supported (DeepSeek-V3 uses 'sigmoid')"
+            )
         if raw.get("moe_layer_freq", 1) != 1:
             raise ConfigError("moe_layer_freq must be 1: every layer after first_k_dense_replace is MoE")
         heads = raw.get("num_attention_heads")
         kv_heads = raw.get("num_key_value_heads", heads)
         if kv_heads != heads:
-            raise ConfigError(f"num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}) for MLA")
+            raise ConfigError(
+                f"num_key_value_heads ({kv_heads}) must equal num_attention_heads ({heads}) for MLA"
+            )
         if "num_nextn_predict_layers" not in raw and "num_mtp_layers" in raw:
             raw["num_nextn_predict_layers"] = raw["num_mtp_layers"]
         fields = {f.name for f in dataclasses.fields(cls)} - {"rope"}
-        known = fields | _IGNORED_KEYS | {"rope_theta", "rope_scaling", "rope_parameters", "num_key_value_heads"}
+        known = (
+            fields | _IGNORED_KEYS | {"rope_theta", "rope_scaling", "rope_parameters", "num_key_value_heads"}
+        )
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
@@ -240,9 +267,21 @@ class ModelConfig:
     # ---- validation ------------------------------------------------------------------------------
     def _validate(self) -> None:
         positive = (
-            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "n_group",
+            "topk_group",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
         )
         for name in positive:
             value = getattr(self, name)
@@ -255,7 +294,9 @@ class ModelConfig:
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ConfigError(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
-            raise ConfigError(f"qk_rope_head_dim must be even (rotated in pairs), got {self.qk_rope_head_dim}")
+            raise ConfigError(
+                f"qk_rope_head_dim must be even (rotated in pairs), got {self.qk_rope_head_dim}"
+            )
         if self.n_routed_experts % self.n_group:
             raise ConfigError(
                 f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"

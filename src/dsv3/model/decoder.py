@@ -20,7 +20,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadLatentAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MoE | SwiGLUMLP = (
-            MoE(config) if config.is_moe_layer(layer_idx)
+            MoE(config)
+            if config.is_moe_layer(layer_idx)
             else SwiGLUMLP(config.hidden_size, config.intermediate_size)
         )
 
@@ -28,8 +29,9 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, Routing | None]:
+    def forward(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, Routing | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, cache, self.layer_idx)
         normed = self.post_attention_layernorm(x_BTD)
         if isinstance(self.mlp, MoE):

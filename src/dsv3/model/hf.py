@@ -26,11 +26,16 @@ from dsv3.model.config import ConfigError, ModelConfig
 if TYPE_CHECKING:
     from dsv3.model.transformer import DeepSeekV3
 
-_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 _MTP_INTERNAL = re.compile(r"^mtp\.(?P<index>\d+)\.(?P<rest>.+)$")
 _LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"}
-_MTP_SHARED_COPIES = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+_MTP_SHARED_COPIES = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "shared_head.head.weight": "lm_head.weight",
+}
 
 
 class CheckpointFormatError(ValueError):
@@ -110,7 +115,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
             out[name] = tensor
     for prefix, by_expert in experts.items():
         count = config.n_routed_experts
-        missing = [e for e in range(count) if set(by_expert.get(e, {})) != {"gate_proj", "up_proj", "down_proj"}]
+        missing = [
+            e for e in range(count) if set(by_expert.get(e, {})) != {"gate_proj", "up_proj", "down_proj"}
+        ]
         if missing or len(by_expert) != count:
             raise CheckpointFormatError(f"{prefix}: incomplete experts (missing or partial: {missing[:8]})")
         out[f"{prefix}.gate_up_proj"] = torch.stack(
@@ -119,7 +126,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
         out[f"{prefix}.down_proj"] = torch.stack([by_expert[e]["down_proj"] for e in range(count)])
     for name, source, tensor in copies:
         if source in out and not torch.equal(out[source].to(tensor.dtype), tensor):
-            raise CheckpointFormatError(f"{name} differs from {source}; dsv3 shares it between main model and MTP")
+            raise CheckpointFormatError(
+                f"{name} differs from {source}; dsv3 shares it between main model and MTP"
+            )
     return out
 
 
@@ -138,8 +147,12 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_pretrained(cls: type[DeepSeekV3], directory: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu") -> DeepSeekV3:
+def load_pretrained(
+    cls: type[DeepSeekV3],
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> DeepSeekV3:
     """Build the model from `config.json` and load every `*.safetensors` file in the directory."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -152,10 +165,14 @@ def load_pretrained(cls: type[DeepSeekV3], directory: str | Path, dtype: torch.d
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointFormatError(f"checkpoint does not match config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise CheckpointFormatError(
+            f"checkpoint does not match config: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointFormatError(f"{name}: shape {tuple(tensor.shape)} in checkpoint, {tuple(expected[name].shape)} in model")
+            raise CheckpointFormatError(
+                f"{name}: shape {tuple(tensor.shape)} in checkpoint, {tuple(expected[name].shape)} in model"
+            )
     model.load_state_dict(state)
     if dtype is not None:
         model.to(dtype)
@@ -186,6 +203,10 @@ def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: i
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, directory / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
-             "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+        "weight_map": weight_map,
+    }
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps(index, indent=2, sort_keys=True) + "\n"
+    )

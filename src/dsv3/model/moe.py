@@ -42,7 +42,9 @@ class Gate(nn.Module):
         self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         # A float32 buffer, saved with the checkpoint, updated outside autograd by balance.bias.
-        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        )
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         scores_TE = (x_TD.float() @ self.weight.float().T).sigmoid()

@@ -27,8 +27,9 @@ class MultiTokenPrediction(nn.Module):
         self.block = DecoderLayer(config, layer_idx=config.num_hidden_layers + depth - 1)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h_prev_BTD: torch.Tensor, next_embeds_BTD: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, Routing | None]:
+    def forward(
+        self, h_prev_BTD: torch.Tensor, next_embeds_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, Routing | None]:
         """Both inputs cover the same T positions; returns this depth's hidden state (before its norm)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds_BTD), self.hnorm(h_prev_BTD)), dim=-1))
         return self.block(x, cos, sin)

@@ -18,7 +18,7 @@ from dsv3.model.cache import KVCache
 from dsv3.model.config import ModelConfig
 from dsv3.model.decoder import DecoderLayer
 from dsv3.model.layers import RMSNorm
-from dsv3.model.moe import Gate, Routing, RoutedExperts
+from dsv3.model.moe import Gate, RoutedExperts, Routing
 from dsv3.model.mtp import MultiTokenPrediction
 from dsv3.model.rope import RotaryEmbedding
 
@@ -95,11 +95,18 @@ class DeepSeekV3(nn.Module):
 
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         weight = self.lm_head.weight
-        return KVCache(self.config, self.config.num_hidden_layers, batch, max_length, weight.dtype, weight.device)
+        return KVCache(
+            self.config, self.config.num_hidden_layers, batch, max_length, weight.dtype, weight.device
+        )
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, compute_mtp: bool | None = None,
-                balance_alpha: float = 0.0) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        compute_mtp: bool | None = None,
+        balance_alpha: float = 0.0,
+    ) -> ModelOutput:
         """Logits for `input_ids` [B, T]; with a cache, the tokens continue the cached sequences."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
@@ -135,8 +142,11 @@ class DeepSeekV3(nn.Module):
         balance = None
         if balance_alpha > 0:
             balance = sum(
-                sequence_balance_loss(r.scores_TE.view(batch, -1, r.scores_TE.shape[-1]),
-                                      r.ids_TK.view(batch, -1, r.ids_TK.shape[-1]), balance_alpha)
+                sequence_balance_loss(
+                    r.scores_TE.view(batch, -1, r.scores_TE.shape[-1]),
+                    r.ids_TK.view(batch, -1, r.ids_TK.shape[-1]),
+                    balance_alpha,
+                )
                 for r in routings + mtp_routings
             )
         return ModelOutput(logits, mtp_logits, loads, balance, hidden)
@@ -155,8 +165,9 @@ class DeepSeekV3(nn.Module):
 
     # ---- Hugging Face checkpoint format ----------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu") -> DeepSeekV3:
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> DeepSeekV3:
         from dsv3.model.hf import load_pretrained
 
         return load_pretrained(cls, directory, dtype=dtype, device=device)
