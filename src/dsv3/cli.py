@@ -1,0 +1,85 @@
+"""The `dsv3` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from dsv3.model import ConfigError, DeepSeekV3, ModelConfig
+
+
+def _info(args: argparse.Namespace) -> int:
+    from dsv3.model.params import count_parameters
+
+    config = (
+        ModelConfig.from_hf_config(args.config)
+        if Path(args.config).exists()
+        else ModelConfig.flavour(args.config)
+    )
+    with torch.device("meta"):
+        counts = count_parameters(DeepSeekV3(config))
+    print(f"main model      {counts.main / 1e9:10.3f} B parameters")
+    print(f"MTP modules     {counts.mtp / 1e9:10.3f} B ({counts.mtp_in_checkpoint / 1e9:.3f} B as released)")
+    print(f"activated/token {counts.activated / 1e9:10.3f} B")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dsv3.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(steps=args.steps, output_dir=Path(args.output_dir)))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dsv3.corpus import decode, encode
+    from dsv3.generation import generate
+
+    model = DeepSeekV3.from_pretrained(args.checkpoint)
+    ids = generate(
+        model,
+        torch.tensor([encode(args.prompt)]),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    print(decode(ids[0].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3-style MoE training and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="parameter counts of a flavour (debug, 16b, 671b) or a config.json")
+    info.add_argument("config", nargs="?", default="671b")
+    info.set_defaults(handler=_info)
+    demo = sub.add_parser("demo", help="train the debug model on the stdlib source, checkpoint, generate")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.set_defaults(handler=_demo)
+    gen = sub.add_parser("generate", help="generate bytes from a Hugging Face-format checkpoint directory")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", default="def ")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=20)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"dsv3 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
