@@ -43,6 +43,15 @@ BENCH_CONFIG = dict(
     qk_rope_head_dim=16,
     v_head_dim=32,
     max_position_embeddings=4096,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
 )
 SHAPES = [(8, 256), (2, 1024), (1, 2048)]  # (batch, sequence): 2048 tokens per step each
 
@@ -74,6 +83,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_model.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import transformers
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
@@ -90,7 +100,7 @@ def main() -> None:
 
     rows = []
     print(
-        f"dsv3 vs transformers {theirs.config.transformers_version} ({theirs.config._attn_implementation}), "
+        f"dsv3 vs transformers {transformers.__version__} ({theirs.config._attn_implementation}), "
         f"torch {torch.__version__}, {args.threads} threads, fp32, fwd+bwd, best of {args.repeats}"
     )
     print(f"{'batch x seq':>12} | {'dsv3 tok/s':>10} | {'HF tok/s':>10} | {'speed-up':>8}")
@@ -117,6 +127,7 @@ def main() -> None:
                 "config": BENCH_CONFIG,
                 "threads": args.threads,
                 "torch": torch.__version__,
+                "transformers": transformers.__version__,
                 "machine": platform.processor() or platform.machine(),
                 "logit_max_abs_diff": diff,
                 "rows": rows,
