@@ -25,8 +25,9 @@ def test_unknown_flavour_is_a_clear_cli_error(capsys) -> None:
 
 
 def test_console_script_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "16b"], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "dsv3.cli", "info", "16b"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and "15.7" in result.stdout
 
 
@@ -62,8 +63,9 @@ def test_generation_stops_at_eos_and_rejects_bad_input(debug_model: DeepSeekV3) 
 
 def test_demo_learns_and_writes_a_loadable_checkpoint(tmp_path) -> None:
     lines: list[str] = []
-    summary = run_demo(DemoSettings(steps=12, batch=4, seq_len=64, new_tokens=8, output_dir=tmp_path),
-                       log=lines.append)
+    summary = run_demo(
+        DemoSettings(steps=12, batch=4, seq_len=64, new_tokens=8, output_dir=tmp_path), log=lines.append
+    )
     assert summary["held_out_loss_after"] < summary["held_out_loss_before"] - 0.5
     assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
     assert DeepSeekV3.from_pretrained(tmp_path).config.num_hidden_layers == 3
