@@ -116,3 +116,24 @@ def test_moe_layer_adds_shared_experts() -> None:
         x_TD, routing.ids_TK, routing.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj
     )
     assert torch.allclose(y.view(-1, config.hidden_size), routed + layer.shared_experts(x_TD), atol=1e-6)
+
+
+def test_grouped_and_looped_expert_paths_agree_with_gradients() -> None:
+    from dsv3.kernels import reference
+
+    tokens, hidden, experts, width, top_k = 64, 16, 8, 12, 2
+    ids = (torch.randn(tokens, experts) + 4 * (torch.arange(experts) < 5)).topk(top_k, -1).indices
+    assert torch.bincount(ids.flatten(), minlength=experts).eq(0).any()  # empty experts included
+    x_ND = torch.randn(tokens * top_k, hidden, requires_grad=True)
+    counts = torch.bincount(ids.flatten().sort().values, minlength=experts)
+    w_gu = torch.randn(experts, 2 * width, hidden, requires_grad=True)
+    w_d = torch.randn(experts, hidden, width, requires_grad=True)
+    probe = torch.randn(tokens * top_k, hidden)
+    results = []
+    for path in (reference._experts_grouped, reference._experts_looped):
+        counts_arg = counts if path is reference._experts_grouped else counts.tolist()
+        out = path(x_ND, counts_arg, w_gu, w_d)
+        grads = torch.autograd.grad((out * probe).sum(), (x_ND, w_gu, w_d))
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
