@@ -128,12 +128,13 @@ def test_grouped_and_looped_expert_paths_agree_with_gradients() -> None:
     counts = torch.bincount(ids.flatten().sort().values, minlength=experts)
     w_gu = torch.randn(experts, 2 * width, hidden, requires_grad=True)
     w_d = torch.randn(experts, hidden, width, requires_grad=True)
+    weights_N = torch.rand(tokens * top_k, requires_grad=True)
     probe = torch.randn(tokens * top_k, hidden)
     results = []
     for path in (reference._experts_grouped, reference._experts_looped):
         counts_arg = counts if path is reference._experts_grouped else counts.tolist()
-        out = path(x_ND, counts_arg, w_gu, w_d)
-        grads = torch.autograd.grad((out * probe).sum(), (x_ND, w_gu, w_d))
+        out = path(x_ND, weights_N, counts_arg, w_gu, w_d)
+        grads = torch.autograd.grad((out * probe).sum(), (x_ND, weights_N, w_gu, w_d))
         results.append((out, *grads))
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -37,17 +37,25 @@ def permute_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torc
 
 
 def _experts_looped(
-    x_ND: torch.Tensor, counts: list[int], w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor
+    x_ND: torch.Tensor,
+    weights_N: torch.Tensor,
+    counts: list[int],
+    w_gate_up_EHD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
 ) -> torch.Tensor:
     """One matmul pair per expert on contiguous slices; best when the load is very uneven."""
     outputs = []
     # unbind once: indexing w[e] per expert would make autograd zero-fill a full-size gradient per expert.
-    for rows, w_gate_up, w_down in zip(
-        x_ND.split(counts), w_gate_up_EHD.unbind(0), w_down_EDF.unbind(0), strict=True
+    for rows, row_weights, w_gate_up, w_down in zip(
+        x_ND.split(counts),
+        weights_N.split(counts),
+        w_gate_up_EHD.unbind(0),
+        w_down_EDF.unbind(0),
+        strict=True,
     ):
         if rows.shape[0] == 0:
             continue
-        outputs.append(swiglu(rows @ w_gate_up.T) @ w_down.T)
+        outputs.append((swiglu(rows @ w_gate_up.T) * row_weights[:, None]) @ w_down.T)
     if not outputs:
         return x_ND.new_zeros(0, w_down_EDF.shape[1])
     return torch.cat(outputs)
@@ -64,11 +72,16 @@ def _can_group(x_ND: torch.Tensor, width: int) -> bool:
 
 
 def _experts_grouped(
-    x_ND: torch.Tensor, counts_E: torch.Tensor, w_gate_up_EHD: torch.Tensor, w_down_EDF: torch.Tensor
+    x_ND: torch.Tensor,
+    weights_N: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_gate_up_EHD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
 ) -> torch.Tensor:
     """Both expert GEMMs as single grouped GEMMs over the expert-sorted rows (empty experts cost nothing)."""
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     hidden_NF = swiglu(torch._grouped_mm(x_ND, w_gate_up_EHD.transpose(-2, -1), offs=offsets_E))
+    hidden_NF = hidden_NF * weights_N[:, None]
     return torch._grouped_mm(hidden_NF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
 
 
@@ -88,12 +101,14 @@ def moe_experts(
     num_experts = w_gate_up_EHD.shape[0]
     order_N, counts_E = permute_by_expert(topk_ids_TK, num_experts)
     x_ND = x_TD.index_select(0, order_N // top_k)
+    # The combine weight scales the F-wide hidden rows before the down projection (linear, so equal to
+    # scaling the D-wide outputs after it, and F < D moves less memory).
+    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).to(x_ND.dtype)
     if order_N.numel() and _can_group(x_ND, w_down_EDF.shape[2]):
-        out_ND = _experts_grouped(x_ND, counts_E, w_gate_up_EHD, w_down_EDF)
+        out_ND = _experts_grouped(x_ND, weights_N, counts_E, w_gate_up_EHD, w_down_EDF)
     else:
-        out_ND = _experts_looped(x_ND, counts_E.tolist(), w_gate_up_EHD, w_down_EDF)
-    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)
-    # Un-permute by writing each row back to its (token, slot) position, then sum over slots:
-    # deterministic, no atomic scatter-add.
-    out_flat = torch.empty_like(out_ND).index_copy(0, order_N, out_ND * weights_N[:, None])
-    return out_flat.view(num_tokens, top_k, -1).sum(1).to(x_TD.dtype)
+        out_ND = _experts_looped(x_ND, weights_N, counts_E.tolist(), w_gate_up_EHD, w_down_EDF)
+    # Combine: add each row into its token. On the CPU index_add_ runs in index order (deterministic);
+    # on CUDA it uses atomics unless torch.use_deterministic_algorithms(True) is set.
+    y_TD = out_ND.new_zeros(num_tokens, out_ND.shape[1])
+    return y_TD.index_add(0, order_N // top_k, out_ND).to(x_TD.dtype)
