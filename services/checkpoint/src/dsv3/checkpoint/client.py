@@ -1,0 +1,171 @@
+"""Python client of the checkpoint service, used by trainers, expert shards and users.
+
+Tensors stream in chunks straight from their own memory (no copy of the whole set), each chunk
+carrying the running CRC-32 of its tensor. Transient UNAVAILABLE errors are retried with exponential
+backoff (a retried save or load starts over; the server discards the interrupted attempt); any other
+error is raised as the `grpc.RpcError` the server sent.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
+from dsv3.serving import tensor_codec
+
+T = TypeVar("T")
+
+
+class CheckpointClient:
+    def __init__(
+        self,
+        address: str,
+        *,
+        chunk_bytes: int = 4 << 20,
+        retries: int = 5,
+        backoff_seconds: float = 0.2,
+        timeout_seconds: float = 30.0,
+        stream_timeout_seconds: float = 3600.0,
+    ) -> None:
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be > 0")
+        self.address = address
+        self.chunk_bytes = chunk_bytes
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self.timeout = timeout_seconds
+        self.stream_timeout = stream_timeout_seconds
+        limit = 2 * chunk_bytes + (1 << 20)
+        self._channel = grpc.insecure_channel(
+            address,
+            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+        )
+        self._stub = checkpoint_pb2_grpc.CheckpointServiceStub(self._channel)
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def _with_retries(self, call: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise
+                time.sleep(self.backoff_seconds * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CheckpointClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- save / commit ---------------------------------------------------------------------------
+    def _save_requests(
+        self, header: checkpoint_pb2.SaveHeader, tensors: list[torch.Tensor]
+    ) -> Iterator[checkpoint_pb2.SaveRequest]:
+        yield checkpoint_pb2.SaveRequest(header=header)
+        for index, tensor in enumerate(tensors):
+            view, crc = tensor_codec.byte_view(tensor), 0
+            for offset in range(0, len(view), self.chunk_bytes):
+                data = bytes(view[offset : offset + self.chunk_bytes])
+                crc = zlib.crc32(data, crc)
+                yield checkpoint_pb2.SaveRequest(
+                    chunk=checkpoint_pb2.SaveChunk(tensor_index=index, offset=offset, data=data, crc32=crc)
+                )
+
+    def save(
+        self,
+        job: str,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        part: int = 0,
+        metadata: Mapping[str, object] | None = None,
+    ) -> int:
+        """Store one part of (job, step); returns the bytes written. Invisible until `commit`."""
+        names = list(tensors)
+        values = [tensors[n] for n in names]
+        specs = [
+            tensor_pb2.TensorSpec(name=n, dtype=tensor_codec.wire_dtype(t.dtype), shape=list(t.shape))
+            for n, t in zip(names, values, strict=True)
+        ]
+        header = checkpoint_pb2.SaveHeader(
+            job=job,
+            step=step,
+            part=part,
+            tensors=specs,
+            metadata={k: str(v) for k, v in (metadata or {}).items()},
+        )
+        response = self._with_retries(
+            lambda: self._stub.Save(self._save_requests(header, values), timeout=self.stream_timeout)
+        )
+        return response.bytes_written
+
+    def commit(
+        self, job: str, step: int, num_parts: int = 1, metadata: Mapping[str, object] | None = None
+    ) -> checkpoint_pb2.CheckpointInfo:
+        request = checkpoint_pb2.CommitRequest(
+            job=job, step=step, num_parts=num_parts, metadata={k: str(v) for k, v in (metadata or {}).items()}
+        )
+        return self._with_retries(lambda: self._stub.Commit(request, timeout=self.timeout)).checkpoint
+
+    # ---- queries ---------------------------------------------------------------------------------
+    def checkpoints(self, job: str) -> list[checkpoint_pb2.CheckpointInfo]:
+        request = checkpoint_pb2.ListRequest(job=job)
+        return list(self._with_retries(lambda: self._stub.List(request, timeout=self.timeout)).checkpoints)
+
+    def list(self, job: str) -> list[int]:
+        return [c.step for c in self.checkpoints(job)]
+
+    def latest(self, job: str) -> int | None:
+        request = checkpoint_pb2.LatestRequest(job=job)
+        response = self._with_retries(lambda: self._stub.Latest(request, timeout=self.timeout))
+        return response.checkpoint.step if response.found else None
+
+    def delete(self, job: str, step: int) -> None:
+        request = checkpoint_pb2.DeleteRequest(job=job, step=step)
+        self._with_retries(lambda: self._stub.Delete(request, timeout=self.timeout))
+
+    # ---- load ------------------------------------------------------------------------------------
+    def load(
+        self, job: str, step: int | None = None, names: list[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tensors of a committed checkpoint (step None: the latest), all of them or only `names`."""
+        request = checkpoint_pb2.LoadRequest(job=job, step=step or 0, latest=step is None, names=names or [])
+        return self._with_retries(lambda: self._load_once(request))
+
+    def _load_once(self, request: checkpoint_pb2.LoadRequest) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        spec, buffer, filled = None, None, 0
+
+        def finish() -> None:
+            if spec is None:
+                return
+            if filled != len(buffer):
+                raise ValueError(f"{spec.name}: received {filled} of {len(buffer)} bytes")
+            out[spec.name] = buffer.view(tensor_codec.torch_dtype(spec.dtype)).reshape(tuple(spec.shape))
+
+        for message in self._stub.Load(request, timeout=self.stream_timeout):
+            if message.WhichOneof("kind") == "tensor":
+                finish()
+                spec = message.tensor
+                buffer = torch.empty(tensor_codec.nbytes(spec.dtype, list(spec.shape)), dtype=torch.uint8)
+                filled = 0
+            else:
+                if spec is None or filled + len(message.data) > len(buffer):
+                    raise ValueError("Load stream sent more bytes than its tensor spec announced")
+                buffer.numpy()[filled : filled + len(message.data)] = np.frombuffer(
+                    message.data, dtype=np.uint8
+                )
+                filled += len(message.data)
+        finish()
+        return out

@@ -1,0 +1,281 @@
+"""The CheckpointService gRPC servicer: validation, status codes, and the asyncio side of storage.
+
+Disk work runs in threads (`asyncio.to_thread`) so concurrent writers overlap and health checks stay
+responsive during long fsyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import shutil
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import redis
+from dsv3.checkpoint import names
+from dsv3.checkpoint.config import CheckpointConfig, retained
+from dsv3.checkpoint.storage import (
+    CorruptData,
+    Layout,
+    NotFound,
+    PartWriter,
+    TensorEntry,
+    WrongState,
+    read_tensor_chunks,
+    select_tensors,
+)
+from dsv3.checkpoint.store import MetadataStore, open_store, reconcile
+
+from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
+from dsv3.serving import tensor_codec
+from dsv3.serving.server import ServiceServer
+from dsv3.serving.server import serve as serve_forever
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
+
+
+class StorageFull(Exception):
+    """Saving would exceed the quota or the free disk space (RESOURCE_EXHAUSTED)."""
+
+
+_DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on the data volume",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the data volume is read-only",
+    errno.EACCES: "the data directory is not writable",
+    errno.EPERM: "the data directory is not writable",
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The gRPC status an exception maps to, or None for an unexpected error."""
+    if isinstance(exc, names.InvalidRequest | tensor_codec.TensorCodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, WrongState):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, CorruptData):
+        return grpc.StatusCode.DATA_LOSS, str(exc)
+    if isinstance(exc, StorageFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{_DISK_ERRNOS[exc.errno]} ({exc.strerror})"
+    if isinstance(exc, redis.RedisError):
+        return grpc.StatusCode.UNAVAILABLE, f"metadata store unavailable: {exc}"
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _status_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        mapped = status_for(exc)
+        if mapped is None:
+            log.exception("unexpected error")
+            raise
+        await context.abort(*mapped)
+
+
+def _info(manifest: dict[str, Any]) -> checkpoint_pb2.CheckpointInfo:
+    parts = [
+        checkpoint_pb2.PartInfo(
+            part=p["part"],
+            file=p["file"],
+            size_bytes=p["size_bytes"],
+            header_crc32=p["header_crc32"],
+            num_tensors=len(p["tensors"]),
+        )
+        for p in manifest["parts"]
+    ]
+    return checkpoint_pb2.CheckpointInfo(
+        job=manifest["job"],
+        step=manifest["step"],
+        parts=parts,
+        total_bytes=manifest["total_bytes"],
+        metadata=manifest["metadata"],
+        committed_unix_ms=manifest["committed_unix_ms"],
+    )
+
+
+class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
+    def __init__(self, config: CheckpointConfig, store: MetadataStore) -> None:
+        self.config = config
+        self.layout = Layout(config.data_dir)
+        self.store = store
+        self._job_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def recover(self) -> None:
+        manifests = await asyncio.to_thread(self.layout.recover)
+        added, removed = await asyncio.to_thread(reconcile, self.store, manifests)
+        log.info(
+            "recovered %d committed checkpoints (index: %d added, %d stale removed)",
+            len(manifests),
+            added,
+            removed,
+        )
+
+    # ---- save -----------------------------------------------------------------------------------
+    async def Save(self, request_iterator, context):
+        writer: PartWriter | None = None
+        async with _status_errors(context):
+            try:
+                first = await anext(aiter(request_iterator), None)
+                if first is None or first.WhichOneof("kind") != "header":
+                    raise names.InvalidRequest("a Save stream must start with a SaveHeader")
+                writer = await self._open_part(first.header)
+                async for request in request_iterator:
+                    if request.WhichOneof("kind") != "chunk":
+                        raise names.InvalidRequest("only one SaveHeader is allowed per stream")
+                    chunk = request.chunk
+                    if len(chunk.data) > self.config.max_chunk_bytes:
+                        raise names.InvalidRequest(
+                            f"chunk of {len(chunk.data)} bytes exceeds "
+                            f"max_chunk_bytes={self.config.max_chunk_bytes}"
+                        )
+                    await asyncio.to_thread(
+                        writer.write_chunk, chunk.tensor_index, chunk.offset, chunk.data, chunk.crc32
+                    )
+                await asyncio.to_thread(writer.finish)
+                written, writer = writer.total_bytes, None
+                return checkpoint_pb2.SaveResponse(bytes_written=written)
+            finally:
+                if writer is not None:
+                    await asyncio.to_thread(writer.abort)
+
+    async def _open_part(self, header: checkpoint_pb2.SaveHeader) -> PartWriter:
+        job, step = names.check_job(header.job), names.check_step(header.step)
+        part = names.check_part(header.part)
+        entries = []
+        for spec in header.tensors:
+            names.check_tensor_name(spec.name)
+            shape = tuple(spec.shape)
+            tensor_codec.nbytes(spec.dtype, shape)  # validates dtype and dimensions
+            entries.append(TensorEntry(spec.name, spec.dtype, shape))
+        if self.layout.committed(job, step).exists():
+            raise WrongState(f"{job}@{step} is already committed; delete it before saving again")
+        needed = sum(e.nbytes for e in entries)
+        await self._check_space(needed)
+        return await asyncio.to_thread(
+            PartWriter, self.layout.pending(job, step), part, entries, dict(header.metadata)
+        )
+
+    async def _check_space(self, needed: int) -> None:
+        if self.config.quota_bytes:
+            used = await asyncio.to_thread(self.layout.used_bytes)
+            if used + needed > self.config.quota_bytes:
+                raise StorageFull(
+                    f"saving {needed} bytes would exceed the quota of {self.config.quota_bytes} "
+                    f"bytes ({used} in use)"
+                )
+        free = shutil.disk_usage(self.config.data_dir).free
+        if free - needed < self.config.min_free_bytes:
+            raise StorageFull(
+                f"saving {needed} bytes would leave {free - needed} bytes free on the data volume "
+                f"(minimum {self.config.min_free_bytes})"
+            )
+
+    # ---- commit, list, latest, delete --------------------------------------------------------------
+    async def Commit(self, request, context):
+        async with _status_errors(context):
+            job, step = names.check_job(request.job), names.check_step(request.step)
+            if request.num_parts <= 0:
+                raise names.InvalidRequest(f"num_parts must be >= 1, got {request.num_parts}")
+            async with self._job_locks[job]:
+                manifest = await asyncio.to_thread(
+                    self.layout.commit, job, step, request.num_parts, dict(request.metadata)
+                )
+                await asyncio.to_thread(self.store.put, manifest)
+                await self._apply_retention(job)
+            return checkpoint_pb2.CommitResponse(checkpoint=_info(manifest))
+
+    async def _apply_retention(self, job: str) -> None:
+        steps = await asyncio.to_thread(self.store.steps, job)
+        for step in sorted(set(steps) - retained(steps, self.config.keep_last, self.config.keep_every)):
+            await self._delete(job, step)
+            log.info("retention removed %s@%d", job, step)
+
+    async def _delete(self, job: str, step: int) -> None:
+        await asyncio.to_thread(self.store.remove, job, step)  # invisible first, then the bytes
+        with contextlib.suppress(NotFound):
+            await asyncio.to_thread(self.layout.delete, job, step)
+
+    async def List(self, request, context):
+        async with _status_errors(context):
+            job = names.check_job(request.job)
+            steps = await asyncio.to_thread(self.store.steps, job)
+            manifests = [await asyncio.to_thread(self.store.get, job, s) for s in steps]
+            return checkpoint_pb2.ListResponse(checkpoints=[_info(m) for m in manifests if m])
+
+    async def Latest(self, request, context):
+        async with _status_errors(context):
+            job = names.check_job(request.job)
+            steps = await asyncio.to_thread(self.store.steps, job)
+            if not steps:
+                return checkpoint_pb2.LatestResponse(found=False)
+            manifest = await asyncio.to_thread(self.store.get, job, steps[-1])
+            return checkpoint_pb2.LatestResponse(found=manifest is not None, checkpoint=_info(manifest or {}))
+
+    async def Delete(self, request, context):
+        async with _status_errors(context):
+            job, step = names.check_job(request.job), names.check_step(request.step)
+            async with self._job_locks[job]:
+                if await asyncio.to_thread(self.store.get, job, step) is None:
+                    raise NotFound(f"no committed checkpoint {job}@{step}")
+                await self._delete(job, step)
+            return checkpoint_pb2.DeleteResponse()
+
+    # ---- load -------------------------------------------------------------------------------------
+    async def _manifest_for(self, request: checkpoint_pb2.LoadRequest) -> dict[str, Any]:
+        job = names.check_job(request.job)
+        if request.latest:
+            steps = await asyncio.to_thread(self.store.steps, job)
+            if not steps:
+                raise NotFound(f"job {job!r} has no committed checkpoint")
+            step = steps[-1]
+        else:
+            step = names.check_step(request.step)
+        manifest = await asyncio.to_thread(self.store.get, job, step)
+        if manifest is None:
+            raise NotFound(f"no committed checkpoint {job}@{step}")
+        return manifest
+
+    async def Load(self, request, context):
+        async with _status_errors(context):
+            for name in request.names:
+                names.check_tensor_name(name)
+            manifest = await self._manifest_for(request)
+            directory = self.layout.committed(manifest["job"], manifest["step"])
+            for part, tensor in select_tensors(manifest, list(request.names)):
+                yield checkpoint_pb2.LoadResponse(
+                    tensor=tensor_pb2.TensorSpec(
+                        name=tensor["name"], dtype=tensor["dtype"], shape=tensor["shape"]
+                    )
+                )
+                chunks = read_tensor_chunks(directory, part, tensor, self.config.read_chunk_bytes)
+                while (data := await asyncio.to_thread(next, chunks, None)) is not None:
+                    yield checkpoint_pb2.LoadResponse(data=data)
+
+
+async def serve(config: CheckpointConfig) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(config.redis_url, config.data_dir)
+    servicer = CheckpointServicer(config, store)
+    server = ServiceServer(
+        [SERVICE_NAME],
+        [lambda s: checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(servicer, s)],
+        config.host,
+        config.port,
+        max_message_bytes=config.max_chunk_bytes * 2 + (1 << 20),
+    )
+    try:
+        await serve_forever(server, servicer.recover, config.grace_seconds)
+    finally:
+        store.close()
