@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 from dsv3.checkpoint.config import CheckpointConfig
 from dsv3.checkpoint.service import serve
-
 from dsv3.serving.flags import parse_config
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import redis
+
 from dsv3.checkpoint import names
 from dsv3.checkpoint.config import CheckpointConfig, retained
 from dsv3.checkpoint.storage import (
@@ -30,7 +31,6 @@ from dsv3.checkpoint.storage import (
     select_tensors,
 )
 from dsv3.checkpoint.store import MetadataStore, open_store, reconcile
-
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
 from dsv3.serving import tensor_codec
 from dsv3.serving.server import ServiceServer

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from dsv3.checkpoint.names import InvalidRequest
-
 from dsv3.serving import tensor_codec
 
 MANIFEST = "manifest.json"
