@@ -1,14 +1,31 @@
 """The one entry point through which the model calls compute kernels.
 
-Each op validates its inputs, then dispatches: Triton kernels when the tensors live on CUDA and
-Triton is importable, the pure-torch reference (`dsv3.kernels.reference`) otherwise.
+Each op validates its inputs (raising `KernelInputError`, which names the argument), then dispatches:
+Triton kernels when the tensors live on CUDA and Triton is importable, the pure-torch reference
+(`dsv3.kernels.reference`) otherwise. The Triton modules (`fp8`, `gemm`, `moe`) are imported lazily, so
+this module imports without Triton.
+
+Backend switch: the environment variable `DSV3_KERNELS` (`auto`, the default; `triton`; `torch`) or the
+context manager `force_backend(...)`, which wins over the variable. Forcing `triton` on CPU tensors runs the
+kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before Triton is imported (tests).
+The Triton MoE path has no backward: when autograd needs gradients the reference runs instead.
+
+Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm;
+MoE: moe_permute, grouped_gemm, grouped_gemm_fp8, moe_combine, moe_experts, moe_experts_fp8.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import os
+import warnings
+from collections.abc import Iterator
+
 import torch
 
-from dsv3.kernels import reference
+from dsv3.kernels import reference, scaled_mm
 
 
 class KernelInputError(ValueError):
@@ -18,6 +35,140 @@ class KernelInputError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise KernelInputError(message)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend choice
+# ---------------------------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "DSV3_KERNELS"
+_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsv3_kernels", default=None)
+_SCALED_MM_REFUSED: set[tuple[int, int, bool]] = set()  # (n, k, rowwise b scales) cuBLAS refused at run time
+
+
+def backend() -> str:
+    """The requested backend: `force_backend(...)` if active, else $DSV3_KERNELS, else "auto"."""
+    name = _forced_backend.get() or os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on `name` ("auto", "triton" or "torch")."""
+    if name not in BACKENDS:
+        raise ValueError(f"force_backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    token = _forced_backend.set(name)
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    choice = backend()
+    on_cuda = all(t.is_cuda for t in tensors)
+    if choice == "torch":
+        return False
+    if choice == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError(f"{op}: the triton backend was forced but triton is not importable")
+    if not on_cuda and not _interpreter_requested():
+        raise RuntimeError(
+            f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1, set before triton is imported"
+        )
+    return True
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation helpers
+# ---------------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FP8 = torch.float8_e4m3fn
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    dim: int | None = None,
+    min_dim: int | None = None,
+    contiguous: bool = True,
+) -> None:
+    _check(isinstance(t, torch.Tensor), f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    assert isinstance(t, torch.Tensor)
+    if dtypes is not None:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        _check(t.dtype in dtypes, f"{op}: {name} must be {names}, got {str(t.dtype).removeprefix('torch.')}")
+    if dim is not None:
+        _check(t.dim() == dim, f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if min_dim is not None:
+        _check(t.dim() >= min_dim, f"{op}: {name} must have at least {min_dim} dims, got {tuple(t.shape)}")
+    if contiguous:
+        _check(t.is_contiguous(), f"{op}: {name} must be contiguous (call .contiguous())")
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    _check(len(set(devices.values())) == 1, f"{op}: tensors on different devices: {devices}")
+
+
+def _check_block(op: str, block_size: int, scale_fmt: str | None = None) -> None:
+    _check(
+        isinstance(block_size, int) and 16 <= block_size <= 1024 and block_size & (block_size - 1) == 0,
+        f"{op}: block_size must be a power of two in [16, 1024], got {block_size!r}",
+    )
+    _check(scale_fmt in (None, "ue8m0"), f"{op}: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+
+
+def _check_scale(op: str, name: str, s: torch.Tensor, shape: tuple[int, ...]) -> None:
+    _check_tensor(op, name, s, dtypes=(torch.float32,))
+    _check(tuple(s.shape) == shape, f"{op}: {name} must have shape {shape}, got {tuple(s.shape)}")
+
+
+def _check_offsets(op: str, offsets_E: torch.Tensor, num_experts: int, num_rows: int) -> None:
+    """Shape and dtype always; values (non-decreasing, ending at the row count) only on the CPU (no sync)."""
+    _check_tensor(op, "offsets_E", offsets_E, dtypes=(torch.int32,), dim=1)
+    _check(
+        offsets_E.shape[0] == num_experts,
+        f"{op}: offsets_E must have one entry per expert ({num_experts}), got {offsets_E.shape[0]}",
+    )
+    if offsets_E.device.type == "cpu" and num_experts:
+        _check(
+            bool((torch.diff(offsets_E) >= 0).all()) and int(offsets_E[0]) >= 0,
+            f"{op}: offsets_E must be non-decreasing cumulative row counts",
+        )
+        _check(
+            int(offsets_E[-1]) == num_rows,
+            f"{op}: offsets_E ends at {int(offsets_E[-1])} but x has {num_rows} rows",
+        )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,4 +209,264 @@ def moe_experts(
         f"moe_experts: w_down must be [E, D, F]=({num_experts}, {hidden}, {width2 // 2}), "
         f"got {tuple(w_down_EDF.shape)}",
     )
+    tensors = (x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EHD, w_down_EDF)
+    same_dtype = x_TD.dtype == w_gate_up_EHD.dtype == w_down_EDF.dtype and x_TD.dtype in _FLOAT_DTYPES
+    if same_dtype and not _needs_grad(*tensors) and _use_triton("moe_experts", *tensors):
+        from dsv3.kernels import moe
+
+        return moe.moe_experts(
+            x_TD.contiguous(),
+            topk_ids_TK.contiguous(),
+            topk_weights_TK.contiguous(),
+            w_gate_up_EHD.contiguous(),
+            w_down_EDF.contiguous(),
+        )
     return reference.moe_experts(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EHD, w_down_EDF)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8 fine-grained quantization (semantics: reference.act_quant & co.)
+# ---------------------------------------------------------------------------------------------------
+
+
+def act_quant(
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize x [..., K] per 1x128 tile of the last dim -> (float8_e4m3fn [..., K], fp32 [..., K/128]).
+
+    A K that is not a multiple of 128 ends with a partial tile (scale over the elements present).
+    """
+    _check_tensor("act_quant", "x", x, dtypes=_FLOAT_DTYPES, min_dim=1)
+    _check_block("act_quant", block_size, scale_fmt)
+    if _use_triton("act_quant", x):
+        from dsv3.kernels import fp8
+
+        return fp8.act_quant(x, block_size, scale_fmt)
+    return reference.act_quant(x, block_size, scale_fmt)
+
+
+def weight_quant(
+    w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize w [..., N, K] per 128x128 block -> (float8_e4m3fn, fp32 [..., ceil(N/128), ceil(K/128)])."""
+    _check_tensor("weight_quant", "w", w, dtypes=_FLOAT_DTYPES, min_dim=2)
+    _check_block("weight_quant", block_size, scale_fmt)
+    if _use_triton("weight_quant", w):
+        from dsv3.kernels import fp8
+
+        return fp8.weight_quant(w, block_size, scale_fmt)
+    return reference.weight_quant(w, block_size, scale_fmt)
+
+
+def weight_dequant(
+    w: torch.Tensor, s: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """w [..., N, K] float8_e4m3fn times its block scales s [..., ceil(N/128), ceil(K/128)] -> `dtype`."""
+    _check_tensor("weight_dequant", "w", w, dtypes=(_FP8,), min_dim=2)
+    _check_block("weight_dequant", block_size)
+    n, k = w.shape[-2:]
+    _check_scale("weight_dequant", "s", s, (*w.shape[:-2], _cdiv(n, block_size), _cdiv(k, block_size)))
+    _check(dtype in _FLOAT_DTYPES, f"weight_dequant: dtype must be a float type, got {dtype}")
+    _check_same_device("weight_dequant", w=w, s=s)
+    if _use_triton("weight_dequant", w, s):
+        from dsv3.kernels import fp8
+
+        return fp8.weight_dequant(w, s, block_size, dtype)
+    return reference.weight_dequant(w, s, block_size, dtype)
+
+
+def _check_fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> bool:
+    """Validate `fp8_gemm` operands; returns whether b's scales are 1x128 tiles (else 128x128 blocks)."""
+    op = "fp8_gemm"
+    _check_tensor(op, "a", a, dtypes=(_FP8,), dim=2)
+    _check_tensor(op, "b", b, dtypes=(_FP8,), dim=2)
+    m, k = a.shape
+    n = b.shape[0]
+    _check(b.shape[1] == k, f"{op}: a is [M, K={k}] but b is {tuple(b.shape)}; b must be [N, K]")
+    _check_scale(op, "a_s", a_s, (m, _cdiv(k, 128)))
+    _check_tensor(op, "b_s", b_s, dtypes=(torch.float32,), dim=2)
+    rowwise = tuple(b_s.shape) == (n, _cdiv(k, 128))
+    _check(
+        rowwise or tuple(b_s.shape) == (_cdiv(n, 128), _cdiv(k, 128)),
+        f"{op}: b_s must be [ceil(N/128), ceil(K/128)] = {(_cdiv(n, 128), _cdiv(k, 128))} (128x128 blocks) "
+        f"or [N, ceil(K/128)] = {(n, _cdiv(k, 128))} (1x128 tiles), got {tuple(b_s.shape)}",
+    )
+    _check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
+    return rowwise
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """a @ b.T for float8_e4m3fn a [M, K] (a_s [M, ceil(K/128)]) and b [N, K] (b_s: 128x128 blocks
+    [ceil(N/128), ceil(K/128)] or 1x128 tiles [N, ceil(K/128)]), FP32 accumulation, -> `out_dtype`.
+
+    On CUDA (backend "auto") the per-shape policy `scaled_mm.fp8_gemm_backend` picks torch's cuBLAS
+    blockwise scaled_mm or the Triton kernel; a shape cuBLAS refuses at run time falls back to Triton.
+    """
+    rowwise = _check_fp8_gemm(a, a_s, b, b_s)
+    _check(out_dtype in _FLOAT_DTYPES, f"fp8_gemm: out_dtype must be a float type, got {out_dtype}")
+    (m, k), n = a.shape, b.shape[0]
+    if not _use_triton("fp8_gemm", a, b):
+        return reference.fp8_gemm(a, a_s, b, b_s, out_dtype)
+    from dsv3.kernels import gemm
+
+    if backend() == "triton" or not a.is_cuda:
+        return gemm.fp8_gemm(a, a_s, b, b_s, out_dtype)
+    choice = scaled_mm.fp8_gemm_backend(
+        m,
+        n,
+        k,
+        capability=torch.cuda.get_device_capability(a.device),
+        has_scaled_mm=scaled_mm.scaled_mm_api() is not None,
+        has_triton=True,
+        known_unsupported=(n, k, rowwise) in _SCALED_MM_REFUSED,
+    )
+    if choice == "scaled_mm":
+        try:
+            return scaled_mm.blockwise_scaled_mm(a, a_s, b, b_s, out_dtype)
+        except RuntimeError as err:
+            _SCALED_MM_REFUSED.add((n, k, rowwise))
+            warnings.warn(
+                f"fp8_gemm: cuBLAS scaled_mm refused N={n} K={k}, using Triton: {err}", stacklevel=2
+            )
+            choice = "triton"
+    if choice == "torch":
+        return reference.fp8_gemm(a, a_s, b, b_s, out_dtype)
+    return gemm.fp8_gemm(a, a_s, b, b_s, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MoE building blocks (semantics: reference.grouped_gemm & co.)
+# ---------------------------------------------------------------------------------------------------
+
+
+def moe_permute(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert order of the N = T*K (token, slot) rows: (order_N int64, offsets_E int32 cumulative counts).
+
+    Row r of the flattened routing is token r // K, slot r % K; a stable sort keeps token order per expert.
+    """
+    _check_tensor("moe_permute", "topk_ids_TK", topk_ids_TK, dim=2, contiguous=False)
+    _check(not topk_ids_TK.is_floating_point(), "moe_permute: topk_ids_TK must be an integer tensor")
+    order_N, counts_E = reference.permute_by_expert(topk_ids_TK, num_experts)
+    return order_N, torch.cumsum(counts_E, 0).to(torch.int32)
+
+
+def grouped_gemm(x_ND: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[r] = x[r] @ w[e].T for the rows offsets[e-1] <= r < offsets[e] of expert e (one launch)."""
+    op = "grouped_gemm"
+    _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2)
+    _check_tensor(op, "w_EOK", w_EOK, dtypes=(x_ND.dtype,), dim=3)
+    _check(
+        w_EOK.shape[2] == x_ND.shape[1],
+        f"{op}: w_EOK must be [E, O, K={x_ND.shape[1]}], got {tuple(w_EOK.shape)}",
+    )
+    _check_offsets(op, offsets_E, w_EOK.shape[0], x_ND.shape[0])
+    _check_same_device(op, x_ND=x_ND, w_EOK=w_EOK, offsets_E=offsets_E)
+    if _use_triton(op, x_ND, w_EOK):
+        from dsv3.kernels import moe
+
+        return moe.grouped_gemm(x_ND, w_EOK, offsets_E)
+    return reference.grouped_gemm(x_ND, w_EOK, offsets_E)
+
+
+def grouped_gemm_fp8(
+    x_ND: torch.Tensor,
+    x_s: torch.Tensor,
+    w_EOK: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`grouped_gemm` on float8_e4m3fn rows (x_s [N, ceil(K/128)]) and experts (w_s [E, ceil(O/128),
+    ceil(K/128)]), scales applied per 128-wide K step, FP32 accumulation."""
+    op = "grouped_gemm_fp8"
+    _check_tensor(op, "x_ND", x_ND, dtypes=(_FP8,), dim=2)
+    _check_tensor(op, "w_EOK", w_EOK, dtypes=(_FP8,), dim=3)
+    (n, k), (e, o) = x_ND.shape, w_EOK.shape[:2]
+    _check(w_EOK.shape[2] == k, f"{op}: w_EOK must be [E, O, K={k}], got {tuple(w_EOK.shape)}")
+    _check_scale(op, "x_s", x_s, (n, _cdiv(k, 128)))
+    _check_scale(op, "w_s", w_s, (e, _cdiv(o, 128), _cdiv(k, 128)))
+    _check(out_dtype in _FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
+    _check_offsets(op, offsets_E, e, n)
+    _check_same_device(op, x_ND=x_ND, x_s=x_s, w_EOK=w_EOK, w_s=w_s, offsets_E=offsets_E)
+    if _use_triton(op, x_ND, w_EOK):
+        from dsv3.kernels import moe
+
+        return moe.grouped_gemm_fp8(x_ND, x_s, w_EOK, w_s, offsets_E, out_dtype)
+    return reference.grouped_gemm_fp8(x_ND, x_s, w_EOK, w_s, offsets_E, out_dtype)
+
+
+def moe_combine(
+    out_ND: torch.Tensor,
+    order_N: torch.Tensor,
+    num_tokens: int,
+    top_k: int,
+    weights_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Un-permute expert-ordered rows and sum each token's K rows (times weights_TK when given), in fp32."""
+    op = "moe_combine"
+    _check_tensor(op, "out_ND", out_ND, dtypes=_FLOAT_DTYPES, dim=2)
+    _check_tensor(op, "order_N", order_N, dtypes=(torch.int64,), dim=1)
+    _check(
+        order_N.shape[0] == out_ND.shape[0] == num_tokens * top_k,
+        f"{op}: out_ND and order_N must have num_tokens * top_k = {num_tokens * top_k} rows, "
+        f"got {out_ND.shape[0]} and {order_N.shape[0]}",
+    )
+    if weights_TK is not None:
+        _check_tensor(op, "weights_TK", weights_TK, dtypes=_FLOAT_DTYPES, dim=2)
+        _check(
+            tuple(weights_TK.shape) == (num_tokens, top_k),
+            f"{op}: weights_TK must be {(num_tokens, top_k)}, got {tuple(weights_TK.shape)}",
+        )
+    if _use_triton(op, out_ND, order_N):
+        from dsv3.kernels import moe
+
+        return moe.moe_combine(out_ND, order_N, num_tokens, top_k, weights_TK)
+    return reference.moe_combine(out_ND, order_N, num_tokens, top_k, weights_TK)
+
+
+def moe_experts_fp8(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_gate_up_EHD: torch.Tensor,
+    s_gate_up: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    s_down: torch.Tensor,
+) -> torch.Tensor:
+    """`moe_experts` with float8_e4m3fn experts (128x128 block scales) and 1x128-quantized activations."""
+    op = "moe_experts_fp8"
+    _check_tensor(op, "x_TD", x_TD, dtypes=_FLOAT_DTYPES, dim=2)
+    _check_tensor(op, "topk_ids_TK", topk_ids_TK, dim=2)
+    _check(not topk_ids_TK.is_floating_point(), f"{op}: topk_ids_TK must be an integer tensor")
+    _check(topk_ids_TK.shape[0] == x_TD.shape[0], f"{op}: topk_ids_TK must have {x_TD.shape[0]} rows")
+    _check_tensor(op, "topk_weights_TK", topk_weights_TK, dtypes=_FLOAT_DTYPES)
+    _check(
+        topk_weights_TK.shape == topk_ids_TK.shape, f"{op}: topk_weights_TK must match topk_ids_TK's shape"
+    )
+    _check_tensor(op, "w_gate_up_EHD", w_gate_up_EHD, dtypes=(_FP8,), dim=3)
+    _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=(_FP8,), dim=3)
+    e, h, d = w_gate_up_EHD.shape
+    _check(
+        d == x_TD.shape[1] and h % 2 == 0,
+        f"{op}: w_gate_up_EHD must be [E, 2F, D={x_TD.shape[1]}], got {tuple(w_gate_up_EHD.shape)}",
+    )
+    _check(
+        tuple(w_down_EDF.shape) == (e, d, h // 2),
+        f"{op}: w_down_EDF must be {(e, d, h // 2)}, got {tuple(w_down_EDF.shape)}",
+    )
+    _check_scale(op, "s_gate_up", s_gate_up, (e, _cdiv(h, 128), _cdiv(d, 128)))
+    _check_scale(op, "s_down", s_down, (e, _cdiv(d, 128), _cdiv(h // 2, 128)))
+    args = (x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EHD, s_gate_up, w_down_EDF, s_down)
+    names = ("x_TD", "topk_ids_TK", "topk_weights_TK", "w_gate_up_EHD", "s_gate_up", "w_down_EDF", "s_down")
+    _check_same_device(op, **dict(zip(names, args, strict=True)))
+    if _use_triton(op, x_TD, w_gate_up_EHD, w_down_EDF):
+        from dsv3.kernels import moe
+
+        return moe.moe_experts_fp8(*args)
+    return reference.moe_experts_fp8(*args)

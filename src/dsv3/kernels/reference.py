@@ -112,3 +112,166 @@ def moe_experts(
     # on CUDA it uses atomics unless torch.use_deterministic_algorithms(True) is set.
     y_TD = out_ND.new_zeros(num_tokens, out_ND.shape[1])
     return y_TD.index_add(0, order_N // top_k, out_ND).to(x_TD.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8 fine-grained quantization (DeepSeek-V3 report, section 3.3) and FP8 / grouped expert GEMMs.
+#
+# Activations: one scale per 1x128 tile along the last (inner) dimension; weights: one per 128x128
+# block. Format float8_e4m3fn, scale = max(amax, 1e-4) / 448 (the floor keeps all-zero tiles finite, as in
+# DeepSeek's inference code); with scale_fmt="ue8m0" the scale is rounded UP to a power of two, computed
+# exactly (2**ceil(log2(s)) from the fp32 exponent bits, not from an approximate log2). A dimension that
+# is not a multiple of 128 ends with a partial tile/block: its scale covers only the elements that exist.
+# Values are divided by the scale in fp32 and clamped to +-448 before the cast; dequantization multiplies.
+# ---------------------------------------------------------------------------------------------------
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-4
+
+
+def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    """2**ceil(log2(s)) for positive normal fp32 `s`, exactly (UE8M0 scale rounding)."""
+    mantissa, exponent = torch.frexp(s)  # s = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(s), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
+def fp8_scale(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
+    """Dequantization scale for a tile/block with absolute maximum `amax` (fp32)."""
+    s = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    return pow2_ceil(s) if scale_fmt == "ue8m0" else s
+
+
+def _padded_blocks(x: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
+    """Zero-pad `dim` up to a multiple of `block_size` (zeros never raise an amax)."""
+    pad = -x.shape[dim] % block_size
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def act_quant(
+    x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, out_dtype: torch.dtype = FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize per 1 x `block_size` tile of the last dim: y [..., K] `out_dtype`, s [..., ceil(K/128)] fp32.
+
+    `out_dtype=torch.float32` returns the scaled, clamped values before the cast to FP8.
+    """
+    k = x.shape[-1]
+    tiles = _padded_blocks(x.float(), -1, block_size).unflatten(-1, (-1, block_size))
+    s = fp8_scale(tiles.abs().amax(-1), scale_fmt)
+    y = (tiles / s[..., None]).clamp(-FP8_MAX, FP8_MAX).flatten(-2)[..., :k]
+    return y.to(out_dtype), s
+
+
+def act_dequant(
+    y: torch.Tensor, s: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `act_quant`: y * s with each scale repeated over its tile."""
+    return (y.float() * s.repeat_interleave(block_size, -1)[..., : y.shape[-1]]).to(dtype)
+
+
+def weight_quant(
+    w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None, out_dtype: torch.dtype = FP8_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize [..., N, K] per `block_size` x `block_size` block: s [..., ceil(N/128), ceil(K/128)] fp32."""
+    n, k = w.shape[-2:]
+    blocks = _padded_blocks(_padded_blocks(w.float(), -1, block_size), -2, block_size)
+    blocks = blocks.unflatten(-1, (-1, block_size)).unflatten(-3, (-1, block_size))  # [.., NB, bs, KB, bs]
+    s = fp8_scale(blocks.abs().amax(dim=(-3, -1)), scale_fmt)
+    y = (blocks / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    return y.flatten(-4, -3).flatten(-2)[..., :n, :k].to(out_dtype), s
+
+
+def weight_dequant(
+    w: torch.Tensor, s: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Inverse of `weight_quant` (also reads the released checkpoints' `weight` + `weight_scale_inv`)."""
+    n, k = w.shape[-2:]
+    full = s.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :n, :k]
+    return (w.float() * full).to(dtype)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """a @ b.T for FP8 a [M, K] (1x128 scales a_s) and b [N, K]: b_s is [ceil(N/128), ceil(K/128)] (128x128
+    blocks) or [N, ceil(K/128)] (1x128 tiles, as in the weight-gradient GEMM). Exact fp32 math, then cast."""
+    b32 = act_dequant(b, b_s) if b_s.shape[0] == b.shape[0] else weight_dequant(b, b_s, dtype=torch.float32)
+    return (act_dequant(a, a_s) @ b32.T).to(out_dtype)
+
+
+def _expert_slices(offsets_E: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offsets_E.tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def grouped_gemm(x_ND: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows sorted by expert: out[r] = x[r] @ w[e].T for offsets[e-1] <= r < offsets[e]; fp32 math."""
+    out = x_ND.new_zeros(x_ND.shape[0], w_EOK.shape[1])
+    for e, (lo, hi) in enumerate(_expert_slices(offsets_E)):
+        out[lo:hi] = (x_ND[lo:hi].float() @ w_EOK[e].float().T).to(out.dtype)
+    return out
+
+
+def grouped_gemm_fp8(
+    x_ND: torch.Tensor,
+    x_s: torch.Tensor,
+    w_EOK: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """`grouped_gemm` on FP8 rows and FP8 experts (128x128 scales w_s [E, O/128, K/128])."""
+    x32 = act_dequant(x_ND, x_s)
+    out = torch.zeros(x_ND.shape[0], w_EOK.shape[1], dtype=out_dtype, device=x_ND.device)
+    for e, (lo, hi) in enumerate(_expert_slices(offsets_E)):
+        out[lo:hi] = (x32[lo:hi] @ weight_dequant(w_EOK[e], w_s[e], dtype=torch.float32).T).to(out_dtype)
+    return out
+
+
+def moe_combine(
+    out_ND: torch.Tensor,
+    order_N: torch.Tensor,
+    num_tokens: int,
+    top_k: int,
+    weights_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Un-permute: y[t] = sum_k w[t, k] * out[row of (t, k)] (w = 1 when None), summed in fp32."""
+    rows = torch.empty_like(out_ND, dtype=torch.float32)
+    rows[order_N] = out_ND.float()  # rows back in (token, slot) order
+    rows = rows.view(num_tokens, top_k, -1)
+    if weights_TK is not None:
+        rows = rows * weights_TK.float()[..., None]
+    return rows.sum(1).to(out_ND.dtype)
+
+
+def moe_experts_fp8(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_gate_up_EHD: torch.Tensor,
+    s_gate_up: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    s_down: torch.Tensor,
+) -> torch.Tensor:
+    """`moe_experts` with FP8 experts (128x128 block scales) and FP8 activations (1x128 tiles).
+
+    Rows are quantized after the permutation and again after SwiGLU (whose output, already multiplied by
+    the routing weight, is rounded to x's dtype first); GEMM outputs are fp32 (gate/up) and x's dtype (down).
+    """
+    num_tokens, top_k = topk_ids_TK.shape
+    order_N, counts_E = permute_by_expert(topk_ids_TK, w_gate_up_EHD.shape[0])
+    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    x_q, x_s = act_quant(x_TD.index_select(0, order_N // top_k))
+    gate_up = grouped_gemm_fp8(x_q, x_s, w_gate_up_EHD, s_gate_up, offsets_E, out_dtype=torch.float32)
+    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).float()
+    h_q, h_s = act_quant((swiglu(gate_up) * weights_N[:, None]).to(x_TD.dtype))
+    out_ND = grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, out_dtype=x_TD.dtype)
+    return moe_combine(out_ND, order_N, num_tokens, top_k)

@@ -1,0 +1,358 @@
+"""Triton MoE expert computation: permutation by expert, grouped GEMMs (bf16 and block-scaled FP8), combine.
+
+Shape legend: T tokens, D hidden, K experts per token, E experts, F expert width, N = T*K routed rows,
+O weight rows (2F for gate|up, D for down).
+
+Pipeline (`moe_experts`, `moe_experts_fp8`; semantics: `dsv3.kernels.reference`):
+1. `moe_permute`: one stable sort of the N (token, slot) rows by expert -> `order_N` and `offsets_E` (int32,
+   cumulative row counts), all on the device, no host synchronisation.
+2. Rows gathered in expert order (`gather_rows`; for FP8 fused with the 1x128 quantization).
+3. One grouped-GEMM launch over every expert for gate|up, with SwiGLU and the routing weight fused in the
+   epilogue (the weight scales the F-wide hidden rows, as the reference does), then one for down.
+4. `moe_combine`: each token sums its K rows (fp32, fixed order: deterministic, no atomics).
+
+Grouped GEMM schedule: expert e owns ceil(rows_e / BLOCK_M) row tiles; the grid has the upper bound
+ceil(N / BLOCK_M) + E row tiles (each expert wastes at most one partial tile) times the column tiles; a
+tile -> expert map made with `searchsorted` on the device tells each program its expert, and programs past
+the last tile exit at once. Experts with zero rows own no tiles and cost nothing.
+
+These kernels have no backward; `dsv3.kernels.ops` uses the reference when gradients are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3.kernels import fp8
+from dsv3.kernels.fp8 import interpreting, kernel_cast
+
+
+def moe_permute(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of the flattened (token, slot) rows by expert -> (order_N int64, offsets_E int32)."""
+    sorted_N, order_N = torch.sort(topk_ids_TK.reshape(-1), stable=True)
+    experts = torch.arange(num_experts, device=topk_ids_TK.device, dtype=sorted_N.dtype)
+    return order_N, torch.searchsorted(sorted_N, experts, right=True, out_int32=True)
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    src = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    x = tl.load(x_ptr + src[:, None] * D + offs_d[None, :], mask=mask)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], x, mask=mask)
+
+
+def gather_rows(x_TD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
+    """x[rows] for a contiguous 2-D x (the permutation of token rows into expert order)."""
+    m, d = rows_N.shape[0], x_TD.shape[1]
+    out = torch.empty(m, d, dtype=x_TD.dtype, device=x_TD.device)
+    if m and d:
+        grid = (triton.cdiv(m, 32), triton.cdiv(d, 128))
+        _gather_rows_kernel[grid](x_TD, rows_N, out, m, d, BLOCK_M=32, BLOCK_D=128)
+    return out
+
+
+@triton.jit
+def _combine_kernel(
+    rows_ND_ptr,
+    pos_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    D,
+    TOP_K,
+    WEIGHTED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[t] = sum_k w[t, k] * rows[pos[t, k]], summed in fp32 in slot order."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = offs_t < T
+    mask = mask_t[:, None] & (offs_d[None, :] < D)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in range(TOP_K):
+        pos = tl.load(pos_ptr + offs_t * TOP_K + k, mask=mask_t, other=0).to(tl.int64)
+        row = tl.load(rows_ND_ptr + pos[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            row *= tl.load(w_ptr + offs_t * TOP_K + k, mask=mask_t, other=0.0).to(tl.float32)[:, None]
+        acc += row
+    tl.store(
+        out_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def moe_combine(
+    out_ND: torch.Tensor,
+    order_N: torch.Tensor,
+    num_tokens: int,
+    top_k: int,
+    weights_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Un-permute and reduce: y[t] = sum_k w[t, k] * out[row of (t, k)] (w = 1 when None), in out's dtype."""
+    n, d = out_ND.shape
+    pos_N = torch.empty_like(order_N)
+    pos_N[order_N] = torch.arange(n, device=order_N.device, dtype=order_N.dtype)
+    y = torch.empty(
+        num_tokens, d, dtype=out_ND.dtype if kernel_cast() else torch.float32, device=out_ND.device
+    )
+    if num_tokens and d:
+        weights = weights_TK.contiguous() if weights_TK is not None else pos_N
+        grid = (triton.cdiv(num_tokens, 16), triton.cdiv(d, 128))
+        _combine_kernel[grid](
+            out_ND,
+            pos_N,
+            weights,
+            y,
+            num_tokens,
+            d,
+            top_k,
+            WEIGHTED=weights_TK is not None,
+            BLOCK_T=16,
+            BLOCK_D=128,
+        )
+    elif num_tokens:
+        y.zero_()
+    return y.to(out_ND.dtype)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    xs_ptr,
+    ws_ptr,
+    rw_ptr,
+    offsets_ptr,
+    tile_expert_ptr,
+    tile_end_ptr,
+    E,
+    K,
+    W_ROWS,
+    OUT_COLS,
+    FP8: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    IEEE: tl.constexpr,
+    WIDEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One (row tile, column tile) of out = x @ w[e].T, or of silu(gate) * up * rw with SWIGLU.
+
+    With SWIGLU, w[e] is [2F, K] (gate rows then up rows) and column n of the output uses rows n and F + n.
+    With FP8, x has 1x128 scales xs [N, K/128] and w 128x128 scales ws [E, W_ROWS/128, K/128]; BLOCK_K = 128.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e >= E:
+        return
+    tile_first = tl.load(tile_end_ptr + e - 1, mask=e > 0, other=0)
+    row_lo = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
+    row_hi = tl.load(offsets_ptr + e)
+    offs_m = row_lo + (pid_m - tile_first) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < row_hi
+    mask_n = offs_n < OUT_COLS
+    num_kb = tl.cdiv(K, BLOCK_K)
+    e64 = e.to(tl.int64)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    wg_ptrs = w_ptr + e64 * W_ROWS * K + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    wu_ptrs = wg_ptrs + OUT_COLS * K
+    ws_rows = e64 * tl.cdiv(W_ROWS, 128)
+    xs_ptrs = xs_ptr + offs_m * num_kb
+    wsg_ptrs = ws_ptr + (ws_rows + offs_n // 128) * num_kb
+    wsu_ptrs = ws_ptr + (ws_rows + (offs_n + OUT_COLS) // 128) * num_kb
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(num_kb):
+        mask_k = offs_k < K - kb * BLOCK_K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_mask = mask_k[:, None] & mask_n[None, :]
+        wg = tl.load(wg_ptrs, mask=w_mask, other=0.0)
+        if WIDEN:  # interpreter only: its bf16 dot is broken
+            x = x.to(tl.float32)
+            wg = wg.to(tl.float32)
+        if FP8:
+            xs = tl.load(xs_ptrs + kb, mask=mask_m, other=0.0)[:, None]
+            acc_g += tl.dot(x, wg) * xs * tl.load(wsg_ptrs + kb, mask=mask_n, other=0.0)[None, :]
+        elif IEEE:
+            acc_g = tl.dot(x, wg, acc_g, input_precision="ieee")
+        else:
+            acc_g = tl.dot(x, wg, acc_g)
+        if SWIGLU:
+            wu = tl.load(wu_ptrs, mask=w_mask, other=0.0)
+            if WIDEN:
+                wu = wu.to(tl.float32)
+            if FP8:
+                acc_u += tl.dot(x, wu) * xs * tl.load(wsu_ptrs + kb, mask=mask_n, other=0.0)[None, :]
+            elif IEEE:
+                acc_u = tl.dot(x, wu, acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(x, wu, acc_u)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    acc = acc_g
+    if SWIGLU:
+        row_weight = tl.load(rw_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        acc = acc_g * tl.sigmoid(acc_g) * acc_u * row_weight[:, None]
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * OUT_COLS + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _tile_map(offsets_E: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tile -> expert map, cumulative tiles per expert, grid size) without a host synchronisation."""
+    num_experts = offsets_E.shape[0]
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    tile_end = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(
+        torch.int32
+    )
+    grid_m = triton.cdiv(num_rows, block_m) + num_experts
+    tiles = torch.arange(grid_m, device=offsets_E.device, dtype=torch.int32)
+    return torch.searchsorted(tile_end, tiles, right=True, out_int32=True), tile_end, grid_m
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype,
+    *,
+    x_s: torch.Tensor | None = None,
+    w_s: torch.Tensor | None = None,
+    swiglu_weights_N: torch.Tensor | None = None,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    num_rows, k = x.shape
+    w_rows = w.shape[1]
+    out_cols = w_rows // 2 if swiglu_weights_N is not None else w_rows
+    out = torch.empty(
+        num_rows, out_cols, dtype=out_dtype if kernel_cast() else torch.float32, device=x.device
+    )
+    if num_rows == 0 or out_cols == 0:
+        return out.to(out_dtype)
+    if k == 0:
+        return out.zero_().to(out_dtype)
+    is_fp8 = x_s is not None
+    if block_m is None:  # heuristic (untuned): taller row tiles once experts average that many rows
+        rows_per_expert = num_rows / max(offsets_E.shape[0], 1)
+        block_m = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
+    block_n = 64 if swiglu_weights_N is not None else 128
+    block_k = 128 if is_fp8 else 64
+    tile_expert, tile_end, grid_m = _tile_map(offsets_E, num_rows, block_m)
+    dummy = offsets_E
+    _grouped_gemm_kernel[(grid_m, triton.cdiv(out_cols, block_n))](
+        x,
+        w,
+        out,
+        x_s if is_fp8 else dummy,
+        w_s if is_fp8 else dummy,
+        swiglu_weights_N if swiglu_weights_N is not None else dummy,
+        offsets_E,
+        tile_expert,
+        tile_end,
+        offsets_E.shape[0],
+        k,
+        w_rows,
+        out_cols,
+        FP8=is_fp8,
+        SWIGLU=swiglu_weights_N is not None,
+        IEEE=x.dtype == torch.float32,
+        WIDEN=interpreting() and x.dtype in (torch.bfloat16, torch.float16),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=8 if block_m == 128 else 4,
+        num_stages=3,
+    )
+    return out.to(out_dtype)
+
+
+def grouped_gemm(
+    x_ND: torch.Tensor,
+    w_EOK: torch.Tensor,
+    offsets_E: torch.Tensor,
+    *,
+    swiglu_weights_N: torch.Tensor | None = None,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """Rows sorted by expert (offsets_E: int32 cumulative counts): out[r] = x[r] @ w[e(r)].T in x's dtype.
+
+    With `swiglu_weights_N` the output is silu(gate) * up * weight per row ([N, O/2]). `block_m` overrides
+    the row-tile heuristic (16, 32, 64 or 128).
+    """
+    return _launch(x_ND, w_EOK, offsets_E, x_ND.dtype, swiglu_weights_N=swiglu_weights_N, block_m=block_m)
+
+
+def grouped_gemm_fp8(
+    x_ND: torch.Tensor,
+    x_s: torch.Tensor,
+    w_EOK: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    swiglu_weights_N: torch.Tensor | None = None,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """`grouped_gemm` on FP8 rows (x_s [N, K/128]) and FP8 experts (w_s [E, ceil(O/128), ceil(K/128)])."""
+    return _launch(
+        x_ND,
+        w_EOK,
+        offsets_E,
+        out_dtype,
+        x_s=x_s,
+        w_s=w_s,
+        swiglu_weights_N=swiglu_weights_N,
+        block_m=block_m,
+    )
+
+
+def moe_experts(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_gate_up_EHD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """Routed SwiGLU experts in four launches (gather, gate|up+SwiGLU, down, combine) plus one sort."""
+    num_tokens, top_k = topk_ids_TK.shape
+    order_N, offsets_E = moe_permute(topk_ids_TK, w_gate_up_EHD.shape[0])
+    x_ND = gather_rows(x_TD, order_N // top_k)
+    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).float()
+    h_NF = grouped_gemm(x_ND, w_gate_up_EHD, offsets_E, swiglu_weights_N=weights_N)
+    out_ND = grouped_gemm(h_NF, w_down_EDF, offsets_E)
+    return moe_combine(out_ND, order_N, num_tokens, top_k)
+
+
+def moe_experts_fp8(
+    x_TD: torch.Tensor,
+    topk_ids_TK: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w_gate_up_EHD: torch.Tensor,
+    s_gate_up: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    s_down: torch.Tensor,
+) -> torch.Tensor:
+    """FP8 experts: gather+quantize, FP8 gate|up+SwiGLU, quantize, FP8 down, combine."""
+    num_tokens, top_k = topk_ids_TK.shape
+    order_N, offsets_E = moe_permute(topk_ids_TK, w_gate_up_EHD.shape[0])
+    x_q, x_s = fp8.act_quant(x_TD, rows=order_N // top_k)
+    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).float()
+    h_NF = grouped_gemm_fp8(
+        x_q, x_s, w_gate_up_EHD, s_gate_up, offsets_E, x_TD.dtype, swiglu_weights_N=weights_N
+    )
+    h_q, h_s = fp8.act_quant(h_NF)
+    out_ND = grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, x_TD.dtype)
+    return moe_combine(out_ND, order_N, num_tokens, top_k)

@@ -1,0 +1,58 @@
+"""Kernel tests. Without CUDA the Triton kernels run in Triton's CPU interpreter (small shapes).
+
+TRITON_INTERPRET must be in the environment before the kernel modules (`dsv3.kernels.fp8`, `gemm`, `moe`)
+are imported: `@triton.jit` picks the interpreter at decoration time. pytest imports this conftest while
+collecting tests/kernels, before any test runs, and nothing outside the kernel tests imports those modules,
+so this holds for the whole suite in one process too. With CUDA the same tests run the compiled kernels.
+"""
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+    for _name in ("dsv3.kernels.fp8", "dsv3.kernels.gemm", "dsv3.kernels.moe"):
+        if _name in sys.modules:  # decorated before the variable was set: its kernels would need a GPU
+            raise pytest.UsageError(f"{_name} was imported before tests/kernels/conftest.py ran")
+
+from dsv3.kernels import ops
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def triton_backend() -> Iterator[None]:
+    """Run the ops on their Triton kernels (interpreted on the CPU)."""
+    with ops.force_backend("triton"):
+        yield
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def _tiled_randn(*shape: int, spread: float = 3.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    x = torch.randn(*shape)
+    magnitude = 10 ** (torch.rand(*shape[:-1], -(-shape[-1] // 128)) * 2 * spread - spread)
+    return (x * magnitude.repeat_interleave(128, -1)[..., : shape[-1]]).to(device)
+
+
+@pytest.fixture
+def rel_err() -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """Frobenius-norm relative error, in float64."""
+    return _rel_err
+
+
+@pytest.fixture
+def tiled_randn() -> Callable[..., torch.Tensor]:
+    """Gaussian values whose 1x128 tiles of the last dim have magnitudes 10**U(-3, 3): a kernel applying the
+    wrong tile's scale would be far off."""
+    return _tiled_randn
