@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import torch
 
+from dsv3.checkpoint.prefetch import prefetched
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
 from dsv3.serving import tensor_codec
 
@@ -33,11 +34,13 @@ class CheckpointClient:
         backoff_seconds: float = 0.2,
         timeout_seconds: float = 30.0,
         stream_timeout_seconds: float = 3600.0,
+        prefetch: int = 2,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be > 0")
         self.address = address
         self.chunk_bytes = chunk_bytes
+        self.prefetch = prefetch
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.timeout = timeout_seconds
@@ -70,10 +73,7 @@ class CheckpointClient:
         self.close()
 
     # ---- save / commit ---------------------------------------------------------------------------
-    def _save_requests(
-        self, header: checkpoint_pb2.SaveHeader, tensors: list[torch.Tensor]
-    ) -> Iterator[checkpoint_pb2.SaveRequest]:
-        yield checkpoint_pb2.SaveRequest(header=header)
+    def _chunks(self, tensors: list[torch.Tensor]) -> Iterator[checkpoint_pb2.SaveRequest]:
         for index, tensor in enumerate(tensors):
             view, crc = tensor_codec.byte_view(tensor), 0
             for offset in range(0, len(view), self.chunk_bytes):
@@ -82,6 +82,14 @@ class CheckpointClient:
                 yield checkpoint_pb2.SaveRequest(
                     chunk=checkpoint_pb2.SaveChunk(tensor_index=index, offset=offset, data=data, crc32=crc)
                 )
+
+    def _save_requests(
+        self, header: checkpoint_pb2.SaveHeader, tensors: list[torch.Tensor]
+    ) -> Iterator[checkpoint_pb2.SaveRequest]:
+        yield checkpoint_pb2.SaveRequest(header=header)
+        # gRPC sends one message at a time and waits for it to leave; copying and checksumming the next
+        # chunks in a thread overlaps that work with the transfer (at most `prefetch` chunks in memory).
+        yield from prefetched(self._chunks(tensors), self.prefetch)
 
     def save(
         self,

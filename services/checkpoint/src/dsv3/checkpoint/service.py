@@ -20,6 +20,7 @@ import redis
 
 from dsv3.checkpoint import names
 from dsv3.checkpoint.config import CheckpointConfig, retained
+from dsv3.checkpoint.prefetch import prefetched
 from dsv3.checkpoint.storage import (
     CorruptData,
     Layout,
@@ -125,6 +126,7 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
     # ---- save -----------------------------------------------------------------------------------
     async def Save(self, request_iterator, context):
         writer: PartWriter | None = None
+        staging: asyncio.Future[None] | None = None  # chunk n is verified and staged while n+1 arrives
         async with _status_errors(context):
             try:
                 first = await anext(aiter(request_iterator), None)
@@ -132,23 +134,37 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                     raise names.InvalidRequest("a Save stream must start with a SaveHeader")
                 writer = await self._open_part(first.header)
                 async for request in request_iterator:
-                    if request.WhichOneof("kind") != "chunk":
-                        raise names.InvalidRequest("only one SaveHeader is allowed per stream")
-                    chunk = request.chunk
-                    if len(chunk.data) > self.config.max_chunk_bytes:
-                        raise names.InvalidRequest(
-                            f"chunk of {len(chunk.data)} bytes exceeds "
-                            f"max_chunk_bytes={self.config.max_chunk_bytes}"
+                    chunk, data = self._checked_chunk(request)
+                    if staging is not None:
+                        await staging
+                    staging = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            writer.write_chunk, chunk.tensor_index, chunk.offset, data, chunk.crc32
                         )
-                    await asyncio.to_thread(
-                        writer.write_chunk, chunk.tensor_index, chunk.offset, chunk.data, chunk.crc32
                     )
+                if staging is not None:
+                    await staging
                 await asyncio.to_thread(writer.finish)
                 written, writer = writer.total_bytes, None
                 return checkpoint_pb2.SaveResponse(bytes_written=written)
             finally:
+                if staging is not None and not staging.done():
+                    with contextlib.suppress(Exception):
+                        await staging  # never abort under a thread still writing
                 if writer is not None:
                     await asyncio.to_thread(writer.abort)
+
+    def _checked_chunk(self, request: checkpoint_pb2.SaveRequest) -> tuple[checkpoint_pb2.SaveChunk, bytes]:
+        """The chunk and its bytes (read once: each access to a bytes field copies it)."""
+        if request.WhichOneof("kind") != "chunk":
+            raise names.InvalidRequest("only one SaveHeader is allowed per stream")
+        chunk = request.chunk
+        data = chunk.data
+        if len(data) > self.config.max_chunk_bytes:
+            raise names.InvalidRequest(
+                f"chunk of {len(data)} bytes exceeds max_chunk_bytes={self.config.max_chunk_bytes}"
+            )
+        return chunk, data
 
     async def _open_part(self, header: checkpoint_pb2.SaveHeader) -> PartWriter:
         job, step = names.check_job(header.job), names.check_step(header.step)
@@ -259,7 +275,10 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                         name=tensor["name"], dtype=tensor["dtype"], shape=tensor["shape"]
                     )
                 )
-                chunks = read_tensor_chunks(directory, part, tensor, self.config.read_chunk_bytes)
+                # Reading and checksumming run ahead in a thread while the event loop sends.
+                chunks = prefetched(
+                    read_tensor_chunks(directory, part, tensor, self.config.read_chunk_bytes), 2
+                )
                 while (data := await asyncio.to_thread(next, chunks, None)) is not None:
                     yield checkpoint_pb2.LoadResponse(data=data)
 

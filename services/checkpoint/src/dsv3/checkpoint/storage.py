@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv3.checkpoint.directio import DirectWriter, read_range
 from dsv3.checkpoint.names import InvalidRequest
 from dsv3.serving import tensor_codec
 
@@ -107,8 +108,8 @@ class PartWriter:
         self.crcs = [0] * len(entries)
         self.current = 0
         directory.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(self.fd, self.header)
+        self.file: DirectWriter | None = DirectWriter(self.tmp)
+        self.file.write(self.header)
 
     @property
     def total_bytes(self) -> int:
@@ -135,9 +136,8 @@ class PartWriter:
         running = zlib.crc32(data, self.crcs[index])
         if running != crc32:
             raise InvalidRequest(f"{entry.name}: checksum mismatch in chunk at offset {offset}")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        assert self.file is not None, "write_chunk after finish/abort"
+        self.file.write(data)
         self.crcs[index] = running
         self.received[index] += len(data)
 
@@ -146,9 +146,9 @@ class PartWriter:
         incomplete = [e.name for e, got in zip(self.entries, self.received, strict=True) if got != e.nbytes]
         if incomplete:
             raise InvalidRequest(f"stream ended before these tensors were complete: {incomplete[:5]}")
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        assert self.file is not None, "finish after abort"
+        file, self.file = self.file, None
+        file.close()  # durable at its exact size
         os.replace(self.tmp, self.final)
         _fsync_dir(self.directory)
         data_start = len(self.header)
@@ -178,9 +178,9 @@ class PartWriter:
         return manifest
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            file, self.file = self.file, None
+            file.abort()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -310,14 +310,13 @@ def read_tensor_chunks(
     with open(path, "rb") as handle:
         if zlib.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
             raise CorruptData(f"{path.name}: header checksum mismatch")
-        handle.seek(tensor["offset"])
-        remaining, crc = tensor["nbytes"], 0
-        while remaining:
-            data = handle.read(min(chunk_bytes, remaining))
-            if not data:
-                raise CorruptData(f"{path.name}: truncated inside {tensor['name']}")
+    remaining, crc = tensor["nbytes"], 0
+    try:
+        for data in read_range(path, tensor["offset"], tensor["nbytes"], chunk_bytes):
             crc = zlib.crc32(data, crc)
             remaining -= len(data)
             if remaining == 0 and crc != tensor["crc32"]:
                 raise CorruptData(f"{path.name}: checksum mismatch in tensor {tensor['name']}")
             yield data
+    except EOFError:
+        raise CorruptData(f"{path.name}: truncated inside {tensor['name']}") from None
