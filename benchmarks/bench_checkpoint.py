@@ -100,6 +100,7 @@ def _evict(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--streams", type=int, default=2, help="concurrent gRPC streams of the client")
     parser.add_argument("--repeats", type=int, default=3, help="attempts; the best of each is kept")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_checkpoint.json"))
@@ -133,7 +134,7 @@ def main() -> None:
                 except grpc.RpcError:
                     time.sleep(0.05)
         rows = []
-        with CheckpointClient(f"127.0.0.1:{port}") as client:
+        with CheckpointClient(f"127.0.0.1:{port}", streams=args.streams) as client:
             idle = psutil.Process(server.pid).memory_info().rss
             rewritten = scratch / "torch-rewritten.pt"
             for attempt in range(args.repeats):
@@ -173,7 +174,10 @@ def main() -> None:
     best = {k: min(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
     gb = nbytes / 1e9
     mib = 1 << 20
-    print(f"{gb:.2f} GB of tensors, {len(tensors)} tensors, best of {len(rows)}; scratch on {scratch.parent}")
+    print(
+        f"{gb:.2f} GB of tensors, {len(tensors)} tensors, {args.streams} streams, best of {len(rows)}; "
+        f"scratch on {scratch.parent}"
+    )
     print(f"{'operation':<34} | {'seconds':>7} | {'GB/s':>6} | {'vs torch':>8}")
     table = [
         ("torch.save+fsync, new file per step", best["torch_save_new_file_s"], None),
@@ -198,6 +202,7 @@ def main() -> None:
             {
                 "rows": rows,
                 "best": best,
+                "streams": args.streams,
                 "peak_above_idle_save": peak_save,
                 "peak_above_idle_load": peak_load,
             },

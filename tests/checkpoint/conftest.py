@@ -16,6 +16,7 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors import safe_open
 
 from dsv3.checkpoint import CheckpointClient
 
@@ -191,3 +192,17 @@ def shared_server(tmp_path_factory) -> Iterator[CheckpointServer]:
 def shared_client(shared_server: CheckpointServer) -> Iterator[CheckpointClient]:
     with CheckpointClient(shared_server.address, retries=1, backoff_seconds=0.05) as c:
         yield c
+
+
+@pytest.fixture
+def file_holding() -> Callable[[Path, str], Path]:
+    """Finds the stored safetensors file (a part, or a segment of one) that holds a tensor."""
+
+    def find(directory: Path, name: str) -> Path:
+        for path in sorted(directory.glob("part-*.safetensors")):
+            with safe_open(path, framework="pt") as handle:
+                if name in set(handle.keys()):
+                    return path
+        raise AssertionError(f"no stored file in {directory} holds {name}")
+
+    return find

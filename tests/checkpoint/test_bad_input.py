@@ -1,6 +1,7 @@
 """Bad requests get INVALID_ARGUMENT / NOT_FOUND with nothing written; faults get clear statuses."""
 
 import errno
+import uuid
 import zlib
 from pathlib import Path
 
@@ -120,20 +121,22 @@ def test_unknown_job_or_step(shared_client: CheckpointClient) -> None:
     assert shared_client.latest("nobody") is None and shared_client.list("nobody") == []
 
 
-def test_flipped_byte_is_data_loss_and_other_checkpoints_load(client: CheckpointClient, server) -> None:
+def test_flipped_byte_is_data_loss_and_other_checkpoints_load(
+    client: CheckpointClient, server, file_holding
+) -> None:
     good = {"a": torch.randn(64, 64), "b": torch.randn(64, 64)}
     client.save("job", 1, good)
     client.commit("job", 1)
     client.save("job", 2, good)
     client.commit("job", 2)
-    part = server.data_dir / "jobs" / "job" / "committed" / f"{2:012d}" / "part-00000.safetensors"
+    part = file_holding(server.data_dir / "jobs" / "job" / "committed" / f"{2:012d}", "b")
     raw = bytearray(part.read_bytes())
     raw[-100] ^= 0x01  # inside tensor "b"
     part.write_bytes(bytes(raw))
     with pytest.raises(grpc.RpcError) as err:
         client.load("job", 2)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "part-00000.safetensors" in err.value.details() and "'b'" not in err.value.details()
+    assert part.name in err.value.details() and "'b'" not in err.value.details()
     assert "b" in err.value.details()
     assert torch.equal(client.load("job", 2, names=["a"])["a"], good["a"])  # intact tensor still verifies
     loaded = client.load("job", 1)
@@ -166,3 +169,18 @@ def test_disk_full_maps_to_resource_exhausted() -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "no space left" in message
     code, message = status_for(OSError(errno.EROFS, "Read-only file system"))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "read-only" in message
+
+
+def test_bad_segment_and_shard_numbers(shared_client: CheckpointClient, server) -> None:
+    stub = checkpoint_pb2_grpc.CheckpointServiceStub(grpc.insecure_channel(server.address))
+    for segment, count in [(2, 2), (0, 65)]:
+        header = checkpoint_pb2.SaveHeader(job="seg", step=1, segment=segment, num_segments=count)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Save(iter([checkpoint_pb2.SaveRequest(header=header)]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_segments" in err.value.details()
+    job = f"seg-{uuid.uuid4().hex[:8]}"  # the server is shared with other tests
+    shared_client.save(job, 1, {"x": torch.ones(1)})
+    shared_client.commit(job, 1)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Load(checkpoint_pb2.LoadRequest(job=job, step=1, shard=3, num_shards=3)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_shards" in err.value.details()

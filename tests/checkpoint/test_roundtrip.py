@@ -1,6 +1,7 @@
 """Saving, committing and loading through the real service (embedded index and Redis index)."""
 
 import threading
+import zlib
 
 import grpc
 import pytest
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from dsv3.checkpoint import CheckpointClient
+from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def test_round_trip_is_bit_exact(client: CheckpointClient, server) -> None:
+def test_round_trip_is_bit_exact(client: CheckpointClient, server, file_holding) -> None:
     tensors = _mixed_tensors()
     client.save("job-a", 100, tensors, metadata={"loss": 2.25, "tokens": 123})
     info = client.commit("job-a", 100)
@@ -42,7 +44,8 @@ def test_round_trip_is_bit_exact(client: CheckpointClient, server) -> None:
     _assert_bit_exact(client.load("job-a", 100), tensors)
     _assert_bit_exact(client.load("job-a"), tensors)  # latest
     # the stored part is an ordinary safetensors file
-    part = next((server.data_dir / "jobs" / "job-a" / "committed").glob("*/part-00000.safetensors"))
+    (committed,) = (server.data_dir / "jobs" / "job-a" / "committed").iterdir()
+    part = file_holding(committed, "w.fp32")
     with safe_open(part, framework="pt") as handle:
         assert torch.equal(handle.get_tensor("w.fp32"), tensors["w.fp32"])
         assert handle.metadata() == {"loss": "2.25", "tokens": "123"}
@@ -62,7 +65,7 @@ def test_four_concurrent_writers_one_checkpoint(client: CheckpointClient, server
 
     def write(rank: int) -> None:
         try:
-            with CheckpointClient(server.address, chunk_bytes=16 << 10) as own:
+            with CheckpointClient(server.address, chunk_bytes=16 << 10, streams=3) as own:
                 own.save("job-c", 7, shards[rank], part=rank, metadata={f"rank{rank}": rank})
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -74,7 +77,10 @@ def test_four_concurrent_writers_one_checkpoint(client: CheckpointClient, server
         t.join(60)
     assert errors == []
     info = client.commit("job-c", 7, num_parts=4)
-    assert [p.part for p in info.parts] == [0, 1, 2, 3]
+    # each writer's part arrived over three streams (one per tensor): 4 parts x 3 segment files
+    assert [(p.part, p.segment, p.num_segments) for p in info.parts] == [
+        (part, segment, 3) for part in range(4) for segment in range(3)
+    ]
     assert {f"rank{r}" for r in range(4)} <= set(info.metadata)
     _assert_bit_exact(client.load("job-c", 7), {k: v for shard in shards.values() for k, v in shard.items()})
 
@@ -149,3 +155,50 @@ def test_client_does_not_retry_other_errors(client: CheckpointClient) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.load("never-saved")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_one_part_over_many_streams(server, file_holding) -> None:
+    tensors = {f"layer{i}": torch.randn(100 + i, 64) for i in range(9)} | {"tiny": torch.zeros(0)}
+    with CheckpointClient(server.address, streams=4, chunk_bytes=8 << 10) as many:
+        many.save("job-s", 1, tensors, metadata={"loss": 1.5})
+        info = many.commit("job-s", 1)
+        assert sorted(p.segment for p in info.parts) == [0, 1, 2, 3]
+        assert {p.num_segments for p in info.parts} == {4} and info.metadata["loss"] == "1.5"
+        assert sum(p.num_tensors for p in info.parts) == len(tensors)
+        _assert_bit_exact(many.load("job-s", 1), tensors)
+        picked = many.load("job-s", 1, names=["layer3", "tiny"])
+        _assert_bit_exact(picked, {k: tensors[k] for k in ("layer3", "tiny")})
+    with CheckpointClient(server.address, streams=1) as single:  # any client reads any layout
+        _assert_bit_exact(single.load("job-s"), tensors)
+        single.save("job-s", 2, tensors)
+        assert [p.num_segments for p in single.commit("job-s", 2).parts] == [1]
+
+
+def test_resave_with_other_stream_count_supersedes_the_first(server) -> None:
+    first = {f"t{i}": torch.full((50,), float(i)) for i in range(4)}
+    second = {f"t{i}": torch.full((50,), -float(i)) for i in range(4)}
+    with CheckpointClient(server.address, streams=4) as four:
+        four.save("job-r", 3, first)
+    with CheckpointClient(server.address, streams=2) as two:
+        two.save("job-r", 3, second)  # a retry split differently: only this attempt counts
+        assert [p.num_segments for p in two.commit("job-r", 3).parts] == [2, 2]
+        _assert_bit_exact(two.load("job-r", 3), second)
+
+
+def test_commit_needs_every_segment(client: CheckpointClient, server) -> None:
+    header = checkpoint_pb2.SaveHeader(
+        job="job-g",
+        step=1,
+        tensors=[tensor_pb2.TensorSpec(name="x", dtype=tensor_pb2.DType.FLOAT32, shape=[2])],
+        segment=0,
+        num_segments=2,
+    )
+    data = torch.ones(2).numpy().tobytes()
+    chunk = checkpoint_pb2.SaveChunk(tensor_index=0, offset=0, data=data, crc32=zlib.crc32(data))
+    stub = checkpoint_pb2_grpc.CheckpointServiceStub(grpc.insecure_channel(server.address))
+    stub.Save(iter([checkpoint_pb2.SaveRequest(header=header), checkpoint_pb2.SaveRequest(chunk=chunk)]))
+    with pytest.raises(grpc.RpcError) as err:
+        client.commit("job-g", 1)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "segments [0] of 2" in err.value.details()
+    assert client.list("job-g") == []

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SaveHeader(_message.Message):
-    __slots__ = ("job", "step", "part", "tensors", "metadata")
+    __slots__ = ("job", "step", "part", "tensors", "metadata", "segment", "num_segments")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,12 +21,16 @@ class SaveHeader(_message.Message):
     PART_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     part: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., part: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    segment: int
+    num_segments: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., part: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., segment: _Optional[int] = ..., num_segments: _Optional[int] = ...) -> None: ...
 
 class SaveChunk(_message.Message):
     __slots__ = ("tensor_index", "offset", "data", "crc32")
@@ -74,18 +78,22 @@ class CommitRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., num_parts: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PartInfo(_message.Message):
-    __slots__ = ("part", "file", "size_bytes", "header_crc32", "num_tensors")
+    __slots__ = ("part", "file", "size_bytes", "header_crc32", "num_tensors", "segment", "num_segments")
     PART_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEADER_CRC32_FIELD_NUMBER: _ClassVar[int]
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     part: int
     file: str
     size_bytes: int
     header_crc32: int
     num_tensors: int
-    def __init__(self, part: _Optional[int] = ..., file: _Optional[str] = ..., size_bytes: _Optional[int] = ..., header_crc32: _Optional[int] = ..., num_tensors: _Optional[int] = ...) -> None: ...
+    segment: int
+    num_segments: int
+    def __init__(self, part: _Optional[int] = ..., file: _Optional[str] = ..., size_bytes: _Optional[int] = ..., header_crc32: _Optional[int] = ..., num_tensors: _Optional[int] = ..., segment: _Optional[int] = ..., num_segments: _Optional[int] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("job", "step", "parts", "total_bytes", "metadata", "committed_unix_ms")
@@ -143,16 +151,20 @@ class LatestResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., checkpoint: _Optional[_Union[CheckpointInfo, _Mapping]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("job", "step", "latest", "names")
+    __slots__ = ("job", "step", "latest", "names", "shard", "num_shards")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     latest: bool
     names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., latest: _Optional[bool] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard: int
+    num_shards: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., latest: _Optional[bool] = ..., names: _Optional[_Iterable[str]] = ..., shard: _Optional[int] = ..., num_shards: _Optional[int] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("tensor", "data")

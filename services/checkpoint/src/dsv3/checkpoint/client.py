@@ -1,7 +1,9 @@
 """Python client of the checkpoint service, used by trainers, expert shards and users.
 
 Tensors stream in chunks straight from their own memory (no copy of the whole set), each chunk
-carrying the running CRC-32 of its tensor. Transient UNAVAILABLE errors are retried with exponential
+carrying the running CRC-32 of its tensor. Large saves and loads are split over `streams` concurrent
+gRPC streams, each on its own connection: one Python gRPC stream is CPU-bound well below what a disk
+or a NIC carries. Transient UNAVAILABLE errors are retried with exponential
 backoff (a retried save or load starts over; the server discards the interrupted attempt); any other
 error is raised as the `grpc.RpcError` the server sent.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -18,10 +21,12 @@ import numpy as np
 import torch
 
 from dsv3.checkpoint.prefetch import prefetched
+from dsv3.checkpoint.split import balanced_runs, group
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
 from dsv3.serving import tensor_codec
 
 T = TypeVar("T")
+Stub = checkpoint_pb2_grpc.CheckpointServiceStub
 
 
 class CheckpointClient:
@@ -35,22 +40,29 @@ class CheckpointClient:
         timeout_seconds: float = 30.0,
         stream_timeout_seconds: float = 3600.0,
         prefetch: int = 2,
+        streams: int = 2,
     ) -> None:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be > 0")
+        if streams < 1:
+            raise ValueError("streams must be >= 1")
         self.address = address
         self.chunk_bytes = chunk_bytes
         self.prefetch = prefetch
+        self.streams = streams
         self.retries = retries
         self.backoff_seconds = backoff_seconds
         self.timeout = timeout_seconds
         self.stream_timeout = stream_timeout_seconds
         limit = 2 * chunk_bytes + (1 << 20)
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
-        )
-        self._stub = checkpoint_pb2_grpc.CheckpointServiceStub(self._channel)
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.use_local_subchannel_pool", 1),  # a connection of its own per channel
+        ]
+        self._channels = [grpc.insecure_channel(address, options=options) for _ in range(streams)]
+        self._stubs = [checkpoint_pb2_grpc.CheckpointServiceStub(c) for c in self._channels]
+        self._stub = self._stubs[0]
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _with_retries(self, call: Callable[[], T]) -> T:
@@ -63,8 +75,22 @@ class CheckpointClient:
                 time.sleep(self.backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
 
+    def _on_all_streams(
+        self, calls: list[Callable[[checkpoint_pb2_grpc.CheckpointServiceStub], T]]
+    ) -> list[T]:
+        """Run each call (with retries) on its own connection, concurrently; the first error is raised."""
+        if len(calls) == 1:
+            return [self._with_retries(lambda: calls[0](self._stub))]
+        with ThreadPoolExecutor(len(calls), thread_name_prefix="checkpoint-stream") as pool:
+            futures = [
+                pool.submit(self._with_retries, lambda c=call, s=stub: c(s))
+                for call, stub in zip(calls, self._stubs, strict=False)
+            ]
+            return [f.result() for f in futures]
+
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> CheckpointClient:
         return self
@@ -101,22 +127,28 @@ class CheckpointClient:
     ) -> int:
         """Store one part of (job, step); returns the bytes written. Invisible until `commit`."""
         names = list(tensors)
-        values = [tensors[n] for n in names]
-        specs = [
-            tensor_pb2.TensorSpec(name=n, dtype=tensor_codec.wire_dtype(t.dtype), shape=list(t.shape))
-            for n, t in zip(names, values, strict=True)
-        ]
-        header = checkpoint_pb2.SaveHeader(
-            job=job,
-            step=step,
-            part=part,
-            tensors=specs,
-            metadata={k: str(v) for k, v in (metadata or {}).items()},
-        )
-        response = self._with_retries(
-            lambda: self._stub.Save(self._save_requests(header, values), timeout=self.stream_timeout)
-        )
-        return response.bytes_written
+        sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+        segments = group(names, balanced_runs(sizes, min(self.streams, len(names)) or 1)) or [[]]
+        text_metadata = {k: str(v) for k, v in (metadata or {}).items()}
+
+        def save_segment(index: int, segment: list[str]):
+            values = [tensors[n] for n in segment]
+            header = checkpoint_pb2.SaveHeader(
+                job=job,
+                step=step,
+                part=part,
+                tensors=[
+                    tensor_pb2.TensorSpec(name=n, dtype=tensor_codec.wire_dtype(t.dtype), shape=list(t.shape))
+                    for n, t in zip(segment, values, strict=True)
+                ],
+                metadata=text_metadata,
+                segment=index,
+                num_segments=len(segments) if len(segments) > 1 else 0,
+            )
+            return lambda stub: stub.Save(self._save_requests(header, values), timeout=self.stream_timeout)
+
+        calls = [save_segment(i, segment) for i, segment in enumerate(segments)]
+        return sum(r.bytes_written for r in self._on_all_streams(calls))
 
     def commit(
         self, job: str, step: int, num_parts: int = 1, metadata: Mapping[str, object] | None = None
@@ -148,10 +180,22 @@ class CheckpointClient:
         self, job: str, step: int | None = None, names: list[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """Tensors of a committed checkpoint (step None: the latest), all of them or only `names`."""
-        request = checkpoint_pb2.LoadRequest(job=job, step=step or 0, latest=step is None, names=names or [])
-        return self._with_retries(lambda: self._load_once(request))
+        latest = step is None
+        if latest:
+            step = self.latest(job)  # resolved once, so that every stream reads the same checkpoint
+        shards = 1 if step is None or (names is not None and len(names) <= 1) else self.streams
+        requests = [
+            checkpoint_pb2.LoadRequest(
+                job=job, step=step or 0, latest=step is None, names=names or [], shard=i, num_shards=shards
+            )
+            for i in range(shards)
+        ]  # step still None: nothing committed yet; the server answers NOT_FOUND (or the newest)
+        out: dict[str, torch.Tensor] = {}
+        for loaded in self._on_all_streams([lambda stub, r=r: self._load_once(stub, r) for r in requests]):
+            out.update(loaded)
+        return out
 
-    def _load_once(self, request: checkpoint_pb2.LoadRequest) -> dict[str, torch.Tensor]:
+    def _load_once(self, stub: Stub, request: checkpoint_pb2.LoadRequest) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         spec, buffer, filled = None, None, 0
 
@@ -162,7 +206,7 @@ class CheckpointClient:
                 raise ValueError(f"{spec.name}: received {filled} of {len(buffer)} bytes")
             out[spec.name] = buffer.view(tensor_codec.torch_dtype(spec.dtype)).reshape(tuple(spec.shape))
 
-        for message in self._stub.Load(request, timeout=self.stream_timeout):
+        for message in stub.Load(request, timeout=self.stream_timeout):
             if message.WhichOneof("kind") == "tensor":
                 finish()
                 spec = message.tensor

@@ -21,6 +21,7 @@ import redis
 from dsv3.checkpoint import names
 from dsv3.checkpoint.config import CheckpointConfig, retained
 from dsv3.checkpoint.prefetch import prefetched
+from dsv3.checkpoint.split import balanced_runs
 from dsv3.checkpoint.storage import (
     CorruptData,
     Layout,
@@ -38,6 +39,7 @@ from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 
 log = logging.getLogger(__name__)
+MAX_SEGMENTS = 64  # streams per part; more only costs file handles and staging buffers
 SERVICE_NAME = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
 
 
@@ -93,6 +95,8 @@ def _info(manifest: dict[str, Any]) -> checkpoint_pb2.CheckpointInfo:
             size_bytes=p["size_bytes"],
             header_crc32=p["header_crc32"],
             num_tensors=len(p["tensors"]),
+            segment=p.get("segment", 0),
+            num_segments=p.get("num_segments", 1),
         )
         for p in manifest["parts"]
     ]
@@ -169,6 +173,11 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
     async def _open_part(self, header: checkpoint_pb2.SaveHeader) -> PartWriter:
         job, step = names.check_job(header.job), names.check_step(header.step)
         part = names.check_part(header.part)
+        num_segments = max(header.num_segments, 1)
+        if num_segments > MAX_SEGMENTS or header.segment >= num_segments:
+            raise names.InvalidRequest(
+                f"segment must be < num_segments <= {MAX_SEGMENTS}, got {header.segment} of {num_segments}"
+            )
         entries = []
         for spec in header.tensors:
             names.check_tensor_name(spec.name)
@@ -180,7 +189,13 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         needed = sum(e.nbytes for e in entries)
         await self._check_space(needed)
         return await asyncio.to_thread(
-            PartWriter, self.layout.pending(job, step), part, entries, dict(header.metadata)
+            PartWriter,
+            self.layout.pending(job, step),
+            part,
+            entries,
+            dict(header.metadata),
+            header.segment,
+            num_segments,
         )
 
     async def _check_space(self, needed: int) -> None:
@@ -267,9 +282,16 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         async with _status_errors(context):
             for name in request.names:
                 names.check_tensor_name(name)
+            num_shards = max(request.num_shards, 1)
+            if request.shard >= num_shards:
+                raise names.InvalidRequest(f"shard must be < num_shards, got {request.shard} of {num_shards}")
             manifest = await self._manifest_for(request)
             directory = self.layout.committed(manifest["job"], manifest["step"])
-            for part, tensor in select_tensors(manifest, list(request.names)):
+            selected = select_tensors(manifest, list(request.names))
+            runs = balanced_runs([tensor["nbytes"] for _, tensor in selected], num_shards)
+            for (part, tensor), run in zip(selected, runs, strict=True):
+                if run != request.shard:
+                    continue
                 yield checkpoint_pb2.LoadResponse(
                     tensor=tensor_pb2.TensorSpec(
                         name=tensor["name"], dtype=tensor["dtype"], shape=tensor["shape"]

@@ -1,6 +1,7 @@
 """On-disk layout of checkpoints: safetensors part files, manifests, atomic commit, crash recovery.
 
-    <data_dir>/jobs/<job>/pending/<step>/part-00000.safetensors   parts being gathered (invisible)
+    <data_dir>/jobs/<job>/pending/<step>/part-00000.safetensors   parts being gathered (invisible);
+        a part saved over N streams is N files, part-00000-s000-of-004.safetensors ...
     <data_dir>/jobs/<job>/committed/<step:012d>/                   a committed checkpoint:
         part-*.safetensors, manifest.json (every part, tensor, offset and CRC-32)
     <data_dir>/jobs/<job>/trash/                                   deletions in progress
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -88,21 +90,40 @@ def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) ->
     return struct.pack("<Q", len(raw)) + raw
 
 
+_PART_FILE = re.compile(r"^part-(\d+)(?:-s(\d+)-of-(\d+))?\.json$")
+
+
+def part_stem(part: int, segment: int = 0, num_segments: int = 1) -> str:
+    """File name stem of a part, or of one segment of a part saved over several streams."""
+    if num_segments <= 1:
+        return f"part-{part:05d}"
+    return f"part-{part:05d}-s{segment:03d}-of-{num_segments:03d}"
+
+
 class PartWriter:
-    """Streams one part's tensors into a temporary safetensors file, verifying each chunk's checksum."""
+    """Streams one part's (or segment's) tensors into a temporary safetensors file, checking each chunk."""
 
     def __init__(
-        self, directory: Path, part: int, entries: list[TensorEntry], metadata: dict[str, str]
+        self,
+        directory: Path,
+        part: int,
+        entries: list[TensorEntry],
+        metadata: dict[str, str],
+        segment: int = 0,
+        num_segments: int = 1,
     ) -> None:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise InvalidRequest("tensor names within a part must be unique")
         self.directory = directory
         self.part = part
+        self.segment = segment
+        self.num_segments = num_segments
         self.entries = entries
         self.metadata = metadata
-        self.final = directory / f"part-{part:05d}.safetensors"
-        self.tmp = directory / f".part-{part:05d}.{uuid.uuid4().hex}.tmp"
+        self.stem = part_stem(part, segment, num_segments)
+        self.final = directory / f"{self.stem}.safetensors"
+        self.tmp = directory / f".{self.stem}.{uuid.uuid4().hex}.tmp"
         self.header = _safetensors_header(entries, metadata)
         self.received = [0] * len(entries)
         self.crcs = [0] * len(entries)
@@ -167,6 +188,8 @@ class PartWriter:
             offset += entry.nbytes
         manifest = {
             "part": self.part,
+            "segment": self.segment,
+            "num_segments": self.num_segments,
             "file": self.final.name,
             "size_bytes": offset,
             "header_crc32": zlib.crc32(self.header),
@@ -174,8 +197,17 @@ class PartWriter:
             "metadata": self.metadata,
             "tensors": tensors,
         }
-        write_json_atomic(self.directory / f"part-{self.part:05d}.json", manifest)
+        write_json_atomic(self.directory / f"{self.stem}.json", manifest)
+        self._drop_other_segmentations()
         return manifest
+
+    def _drop_other_segmentations(self) -> None:
+        """Forget files of this part left by an earlier attempt that split it into a different count."""
+        for path in self.directory.glob("part-*.json"):
+            found = _PART_FILE.match(path.name)
+            if found and int(found[1]) == self.part and int(found[3] or 1) != self.num_segments:
+                path.unlink(missing_ok=True)
+                path.with_suffix(".safetensors").unlink(missing_ok=True)
 
     def abort(self) -> None:
         if self.file is not None:
@@ -212,19 +244,21 @@ class Layout:
         pending = self.pending(job, step)
         if not pending.is_dir():
             raise NotFound(f"nothing was saved for {job}@{step}")
-        parts = []
-        missing = []
-        for part in range(num_parts):
-            part_json = pending / f"part-{part:05d}.json"
-            if not part_json.exists():
-                missing.append(part)
-                continue
-            parts.append(self._verified_part(pending, json.loads(part_json.read_text())))
-        extra = sorted(p.name for p in pending.glob("part-*.json") if int(p.stem.split("-")[1]) >= num_parts)
+        saved: dict[int, list[dict[str, Any]]] = {}
+        for path in pending.glob("part-*.json"):
+            if _PART_FILE.match(path.name):
+                entry = json.loads(path.read_text())
+                saved.setdefault(entry["part"], []).append(entry)
+        missing = [p for p in range(num_parts) if p not in saved]
+        extra = sorted(p for p in saved if p >= num_parts)
         if missing:
             raise WrongState(f"{job}@{step}: parts {missing} of {num_parts} have not been saved")
         if extra:
             raise WrongState(f"{job}@{step}: found parts beyond num_parts={num_parts}: {extra}")
+        parts = []
+        for part in range(num_parts):
+            segments = _complete_segments(f"{job}@{step} part {part}", saved[part])
+            parts.extend(self._verified_part(pending, segment) for segment in segments)
         merged: dict[str, str] = {}
         for part in parts:
             merged.update(part["metadata"])
@@ -278,6 +312,22 @@ class Layout:
                 except (OSError, ValueError, KeyError):
                     continue  # unreadable manifest: leave the bytes for an operator, do not index them
         return manifests
+
+
+def _complete_segments(label: str, segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A part's segment manifests in order, if they are one consistent, complete, name-unique set."""
+    counts = {s.get("num_segments", 1) for s in segments}
+    if len(counts) != 1:
+        raise WrongState(f"{label} was saved with different segment counts {sorted(counts)}; save it again")
+    (count,) = counts
+    have = sorted(s.get("segment", 0) for s in segments)
+    if have != list(range(count)):
+        raise WrongState(f"{label}: segments {have} of {count} have been saved")
+    ordered = sorted(segments, key=lambda s: s.get("segment", 0))
+    names = [t["name"] for s in ordered for t in s["tensors"]]
+    if len(set(names)) != len(names):
+        raise WrongState(f"{label}: a tensor name appears in more than one segment")
+    return ordered
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
