@@ -18,3 +18,4 @@ lint:
 
 bench:
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_checkpoint.py
