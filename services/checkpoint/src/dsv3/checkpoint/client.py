@@ -75,9 +75,7 @@ class CheckpointClient:
                 time.sleep(self.backoff_seconds * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _on_all_streams(
-        self, calls: list[Callable[[checkpoint_pb2_grpc.CheckpointServiceStub], T]]
-    ) -> list[T]:
+    def _on_all_streams(self, calls: list[Callable[[Stub], T]]) -> list[T]:
         """Run each call (with retries) on its own connection, concurrently; the first error is raised."""
         if len(calls) == 1:
             return [self._with_retries(lambda: calls[0](self._stub))]
@@ -180,8 +178,7 @@ class CheckpointClient:
         self, job: str, step: int | None = None, names: list[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """Tensors of a committed checkpoint (step None: the latest), all of them or only `names`."""
-        latest = step is None
-        if latest:
+        if step is None:
             step = self.latest(job)  # resolved once, so that every stream reads the same checkpoint
         shards = 1 if step is None or (names is not None and len(names) <= 1) else self.streams
         requests = [
