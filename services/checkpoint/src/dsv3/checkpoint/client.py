@@ -20,13 +20,34 @@ import grpc
 import numpy as np
 import torch
 
+from dsv3.checkpoint import wire
 from dsv3.checkpoint.prefetch import prefetched
 from dsv3.checkpoint.split import balanced_runs, group
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
 from dsv3.serving import tensor_codec
 
 T = TypeVar("T")
-Stub = checkpoint_pb2_grpc.CheckpointServiceStub
+_SERVICE = "/dsv3.rpc.v1.CheckpointService/"
+
+
+class _FastStub(checkpoint_pb2_grpc.CheckpointServiceStub):
+    """The generated stub, with Save and Load on the copy-saving chunk codecs of `wire`."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)
+        self.Save = channel.stream_unary(
+            _SERVICE + "Save",
+            request_serializer=wire.serialize_save_request,
+            response_deserializer=checkpoint_pb2.SaveResponse.FromString,
+        )
+        self.Load = channel.unary_stream(
+            _SERVICE + "Load",
+            request_serializer=checkpoint_pb2.LoadRequest.SerializeToString,
+            response_deserializer=wire.deserialize_load_response,
+        )
+
+
+Stub = _FastStub
 
 
 class CheckpointClient:
@@ -34,7 +55,7 @@ class CheckpointClient:
         self,
         address: str,
         *,
-        chunk_bytes: int = 4 << 20,
+        chunk_bytes: int = 1 << 20,
         retries: int = 5,
         backoff_seconds: float = 0.2,
         timeout_seconds: float = 30.0,
@@ -61,7 +82,7 @@ class CheckpointClient:
             ("grpc.use_local_subchannel_pool", 1),  # a connection of its own per channel
         ]
         self._channels = [grpc.insecure_channel(address, options=options) for _ in range(streams)]
-        self._stubs = [checkpoint_pb2_grpc.CheckpointServiceStub(c) for c in self._channels]
+        self._stubs = [_FastStub(c) for c in self._channels]
         self._stub = self._stubs[0]
 
     # ---- plumbing --------------------------------------------------------------------------------
@@ -97,19 +118,18 @@ class CheckpointClient:
         self.close()
 
     # ---- save / commit ---------------------------------------------------------------------------
-    def _chunks(self, tensors: list[torch.Tensor]) -> Iterator[checkpoint_pb2.SaveRequest]:
+    def _chunks(self, tensors: list[torch.Tensor]) -> Iterator[bytes]:
+        """Serialized chunk requests, each framed straight from the tensor's memory (one copy)."""
         for index, tensor in enumerate(tensors):
             view, crc = tensor_codec.byte_view(tensor), 0
             for offset in range(0, len(view), self.chunk_bytes):
-                data = bytes(view[offset : offset + self.chunk_bytes])
+                data = view[offset : offset + self.chunk_bytes]
                 crc = zlib.crc32(data, crc)
-                yield checkpoint_pb2.SaveRequest(
-                    chunk=checkpoint_pb2.SaveChunk(tensor_index=index, offset=offset, data=data, crc32=crc)
-                )
+                yield wire.encode_save_chunk(index, offset, data, crc)
 
     def _save_requests(
         self, header: checkpoint_pb2.SaveHeader, tensors: list[torch.Tensor]
-    ) -> Iterator[checkpoint_pb2.SaveRequest]:
+    ) -> Iterator[checkpoint_pb2.SaveRequest | bytes]:
         yield checkpoint_pb2.SaveRequest(header=header)
         # gRPC sends one message at a time and waits for it to leave; copying and checksumming the next
         # chunks in a thread overlaps that work with the transfer (at most `prefetch` chunks in memory).
@@ -204,17 +224,16 @@ class CheckpointClient:
             out[spec.name] = buffer.view(tensor_codec.torch_dtype(spec.dtype)).reshape(tuple(spec.shape))
 
         for message in stub.Load(request, timeout=self.stream_timeout):
-            if message.WhichOneof("kind") == "tensor":
+            if isinstance(message, checkpoint_pb2.LoadResponse) and message.WhichOneof("kind") == "tensor":
                 finish()
                 spec = message.tensor
                 buffer = torch.empty(tensor_codec.nbytes(spec.dtype, list(spec.shape)), dtype=torch.uint8)
                 filled = 0
-            else:
-                if spec is None or filled + len(message.data) > len(buffer):
-                    raise ValueError("Load stream sent more bytes than its tensor spec announced")
-                buffer.numpy()[filled : filled + len(message.data)] = np.frombuffer(
-                    message.data, dtype=np.uint8
-                )
-                filled += len(message.data)
+                continue
+            data = message if isinstance(message, memoryview) else memoryview(message.data)
+            if spec is None or filled + len(data) > len(buffer):
+                raise ValueError("Load stream sent more bytes than its tensor spec announced")
+            buffer.numpy()[filled : filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            filled += len(data)
         finish()
         return out

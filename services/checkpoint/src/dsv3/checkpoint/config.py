@@ -17,7 +17,7 @@ class CheckpointConfig:
     max_chunk_bytes: int = 8 << 20  # larger chunks are refused; bounds server memory per stream
     quota_bytes: int = 0  # 0: no quota; otherwise saves that would exceed it fail with RESOURCE_EXHAUSTED
     min_free_bytes: int = 64 << 20  # refuse a save that would leave less free disk than this
-    read_chunk_bytes: int = 4 << 20
+    read_chunk_bytes: int = 1 << 20
     grace_seconds: float = 10.0
     log_level: str = "INFO"
 

@@ -16,11 +16,13 @@ import contextlib
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 ALIGNMENT = 4096  # covers 512-byte and 4 KiB logical blocks
+T = TypeVar("T")
 
 
 def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
@@ -115,12 +117,18 @@ class DirectWriter:
 
 
 def read_range(
-    path: Path, offset: int, nbytes: int, chunk_bytes: int, direct: bool = True
-) -> Iterator[bytes]:
+    path: Path,
+    offset: int,
+    nbytes: int,
+    chunk_bytes: int,
+    direct: bool = True,
+    copy: Callable[[memoryview], T] = bytes,
+) -> Iterator[T]:
     """Yield bytes [offset, offset + nbytes) of a file in pieces of at most `chunk_bytes`.
 
     Reads whole aligned blocks into one reused buffer, so loading a checkpoint neither fills the page
-    cache nor allocates more than one chunk ahead.
+    cache nor allocates more than one chunk ahead. Each piece is `copy(view)` of that buffer: the view
+    is only valid during the call, so `copy` must copy (it may frame or checksum the bytes too).
     """
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be > 0")
@@ -142,7 +150,11 @@ def read_range(
                     available = min(got - skip, want)
                     if available <= 0:
                         raise EOFError(f"{path.name}: ends at byte {start + got}, expected {end}")
-                    yield bytes(view[skip : skip + available])
+                    piece = view[skip : skip + available]
+                    try:
+                        yield copy(piece)
+                    finally:
+                        piece.release()
                     position += available
             finally:
                 view.release()

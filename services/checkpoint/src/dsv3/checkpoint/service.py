@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import redis
 
-from dsv3.checkpoint import names
+from dsv3.checkpoint import names, wire
 from dsv3.checkpoint.config import CheckpointConfig, retained
 from dsv3.checkpoint.prefetch import prefetched
 from dsv3.checkpoint.split import balanced_runs
@@ -134,16 +134,18 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         async with _status_errors(context):
             try:
                 first = await anext(aiter(request_iterator), None)
-                if first is None or first.WhichOneof("kind") != "header":
+                if isinstance(first, wire.Malformed):
+                    raise names.InvalidRequest(first.reason)
+                if not isinstance(first, checkpoint_pb2.SaveRequest) or first.WhichOneof("kind") != "header":
                     raise names.InvalidRequest("a Save stream must start with a SaveHeader")
                 writer = await self._open_part(first.header)
                 async for request in request_iterator:
-                    chunk, data = self._checked_chunk(request)
+                    chunk = self._checked_chunk(request)
                     if staging is not None:
                         await staging
                     staging = asyncio.ensure_future(
                         asyncio.to_thread(
-                            writer.write_chunk, chunk.tensor_index, chunk.offset, data, chunk.crc32
+                            writer.write_chunk, chunk.tensor_index, chunk.offset, chunk.data, chunk.crc32
                         )
                     )
                 if staging is not None:
@@ -158,17 +160,22 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                 if writer is not None:
                     await asyncio.to_thread(writer.abort)
 
-    def _checked_chunk(self, request: checkpoint_pb2.SaveRequest) -> tuple[checkpoint_pb2.SaveChunk, bytes]:
-        """The chunk and its bytes (read once: each access to a bytes field copies it)."""
-        if request.WhichOneof("kind") != "chunk":
-            raise names.InvalidRequest("only one SaveHeader is allowed per stream")
-        chunk = request.chunk
-        data = chunk.data
-        if len(data) > self.config.max_chunk_bytes:
+    def _checked_chunk(
+        self, request: wire.RawChunk | checkpoint_pb2.SaveRequest | wire.Malformed
+    ) -> wire.RawChunk:
+        """The chunk as a view of its frame (a chunk the fast codec did not read is converted once)."""
+        if isinstance(request, wire.Malformed):
+            raise names.InvalidRequest(request.reason)
+        if isinstance(request, checkpoint_pb2.SaveRequest):
+            if request.WhichOneof("kind") != "chunk":
+                raise names.InvalidRequest("only one SaveHeader is allowed per stream")
+            chunk = request.chunk
+            request = wire.RawChunk(chunk.tensor_index, chunk.offset, memoryview(chunk.data), chunk.crc32)
+        if len(request.data) > self.config.max_chunk_bytes:
             raise names.InvalidRequest(
-                f"chunk of {len(data)} bytes exceeds max_chunk_bytes={self.config.max_chunk_bytes}"
+                f"chunk of {len(request.data)} bytes exceeds max_chunk_bytes={self.config.max_chunk_bytes}"
             )
-        return chunk, data
+        return request
 
     async def _open_part(self, header: checkpoint_pb2.SaveHeader) -> PartWriter:
         job, step = names.check_job(header.job), names.check_step(header.step)
@@ -297,12 +304,46 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                         name=tensor["name"], dtype=tensor["dtype"], shape=tensor["shape"]
                     )
                 )
-                # Reading and checksumming run ahead in a thread while the event loop sends.
-                chunks = prefetched(
-                    read_tensor_chunks(directory, part, tensor, self.config.read_chunk_bytes), 2
+                # Reading, checksumming and framing run ahead in a thread while the event loop sends;
+                # the frames are `LoadResponse(data=...)` already serialized (see `wire`).
+                frames = prefetched(
+                    read_tensor_chunks(
+                        directory, part, tensor, self.config.read_chunk_bytes, frame=wire.encode_load_data
+                    ),
+                    2,
                 )
-                while (data := await asyncio.to_thread(next, chunks, None)) is not None:
-                    yield checkpoint_pb2.LoadResponse(data=data)
+                while (frame := await asyncio.to_thread(next, frames, None)) is not None:
+                    yield frame
+
+
+def add_to_server(servicer: CheckpointServicer, server: grpc.aio.Server) -> None:
+    """Register the service; Save and Load use the fast chunk codecs of `wire` (same wire format)."""
+    pb = checkpoint_pb2
+
+    def unary(method, request_type, response_type) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+
+    handlers = {
+        "Save": grpc.stream_unary_rpc_method_handler(
+            servicer.Save,
+            request_deserializer=wire.deserialize_save_request,
+            response_serializer=pb.SaveResponse.SerializeToString,
+        ),
+        "Load": grpc.unary_stream_rpc_method_handler(
+            servicer.Load,
+            request_deserializer=pb.LoadRequest.FromString,
+            response_serializer=wire.serialize_load_response,
+        ),
+        "Commit": unary(servicer.Commit, pb.CommitRequest, pb.CommitResponse),
+        "List": unary(servicer.List, pb.ListRequest, pb.ListResponse),
+        "Latest": unary(servicer.Latest, pb.LatestRequest, pb.LatestResponse),
+        "Delete": unary(servicer.Delete, pb.DeleteRequest, pb.DeleteResponse),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 async def serve(config: CheckpointConfig) -> None:
@@ -311,7 +352,7 @@ async def serve(config: CheckpointConfig) -> None:
     servicer = CheckpointServicer(config, store)
     server = ServiceServer(
         [SERVICE_NAME],
-        [lambda s: checkpoint_pb2_grpc.add_CheckpointServiceServicer_to_server(servicer, s)],
+        [lambda s: add_to_server(servicer, s)],
         config.host,
         config.port,
         max_message_bytes=config.max_chunk_bytes * 2 + (1 << 20),

@@ -22,7 +22,7 @@ import struct
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,9 +351,16 @@ def select_tensors(manifest: dict[str, Any], names: list[str]) -> list[tuple[dic
 
 
 def read_tensor_chunks(
-    directory: Path, part: dict[str, Any], tensor: dict[str, Any], chunk_bytes: int
+    directory: Path,
+    part: dict[str, Any],
+    tensor: dict[str, Any],
+    chunk_bytes: int,
+    frame: Callable[[memoryview], bytes] = bytes,
 ) -> Iterator[bytes]:
-    """Yield the tensor's stored bytes; raise CorruptData (naming the file) if its CRC does not match."""
+    """Yield `frame(piece)` for the tensor's stored bytes, in order; `frame` copies (default: `bytes`).
+
+    Raises CorruptData (naming the file) if the tensor's CRC does not match, before its last piece.
+    """
     path = directory / part["file"]
     if not path.is_file():
         raise CorruptData(f"{path.name} is missing")
@@ -361,12 +368,16 @@ def read_tensor_chunks(
         if zlib.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
             raise CorruptData(f"{path.name}: header checksum mismatch")
     remaining, crc = tensor["nbytes"], 0
+
+    def checked(piece: memoryview) -> bytes:
+        nonlocal remaining, crc
+        crc = zlib.crc32(piece, crc)
+        remaining -= len(piece)
+        if remaining == 0 and crc != tensor["crc32"]:
+            raise CorruptData(f"{path.name}: checksum mismatch in tensor {tensor['name']}")
+        return frame(piece)
+
     try:
-        for data in read_range(path, tensor["offset"], tensor["nbytes"], chunk_bytes):
-            crc = zlib.crc32(data, crc)
-            remaining -= len(data)
-            if remaining == 0 and crc != tensor["crc32"]:
-                raise CorruptData(f"{path.name}: checksum mismatch in tensor {tensor['name']}")
-            yield data
+        yield from read_range(path, tensor["offset"], tensor["nbytes"], chunk_bytes, copy=checked)
     except EOFError:
         raise CorruptData(f"{path.name}: truncated inside {tensor['name']}") from None
