@@ -11,7 +11,6 @@ error is raised as the `grpc.RpcError` the server sent.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -20,7 +19,7 @@ import grpc
 import numpy as np
 import torch
 
-from dsv3.checkpoint import wire
+from dsv3.checkpoint import checksum, wire
 from dsv3.checkpoint.prefetch import prefetched
 from dsv3.checkpoint.split import balanced_runs, group
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
@@ -124,7 +123,7 @@ class CheckpointClient:
             view, crc = tensor_codec.byte_view(tensor), 0
             for offset in range(0, len(view), self.chunk_bytes):
                 data = view[offset : offset + self.chunk_bytes]
-                crc = zlib.crc32(data, crc)
+                crc = checksum.crc32(data, crc)
                 yield wire.encode_save_chunk(index, offset, data, crc)
 
     def _save_requests(

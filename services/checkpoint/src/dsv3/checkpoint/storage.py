@@ -21,12 +21,12 @@ import shutil
 import struct
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsv3.checkpoint import checksum
 from dsv3.checkpoint.directio import DirectWriter, read_range
 from dsv3.checkpoint.names import InvalidRequest
 from dsv3.serving import tensor_codec
@@ -154,7 +154,7 @@ class PartWriter:
             raise InvalidRequest(
                 f"{entry.name}: {offset + len(data)} bytes sent, tensor holds {entry.nbytes}"
             )
-        running = zlib.crc32(data, self.crcs[index])
+        running = checksum.crc32(data, self.crcs[index])
         if running != crc32:
             raise InvalidRequest(f"{entry.name}: checksum mismatch in chunk at offset {offset}")
         assert self.file is not None, "write_chunk after finish/abort"
@@ -192,7 +192,7 @@ class PartWriter:
             "num_segments": self.num_segments,
             "file": self.final.name,
             "size_bytes": offset,
-            "header_crc32": zlib.crc32(self.header),
+            "header_crc32": checksum.crc32(self.header),
             "header_bytes": len(self.header),
             "metadata": self.metadata,
             "tensors": tensors,
@@ -283,7 +283,7 @@ class Layout:
         if not path.exists() or path.stat().st_size != part["size_bytes"]:
             raise CorruptData(f"{path.name}: missing or not {part['size_bytes']} bytes")
         with open(path, "rb") as handle:
-            if zlib.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
+            if checksum.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
                 raise CorruptData(f"{path.name}: header checksum mismatch")
         return part
 
@@ -365,13 +365,13 @@ def read_tensor_chunks(
     if not path.is_file():
         raise CorruptData(f"{path.name} is missing")
     with open(path, "rb") as handle:
-        if zlib.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
+        if checksum.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
             raise CorruptData(f"{path.name}: header checksum mismatch")
     remaining, crc = tensor["nbytes"], 0
 
     def checked(piece: memoryview) -> bytes:
         nonlocal remaining, crc
-        crc = zlib.crc32(piece, crc)
+        crc = checksum.crc32(piece, crc)
         remaining -= len(piece)
         if remaining == 0 and crc != tensor["crc32"]:
             raise CorruptData(f"{path.name}: checksum mismatch in tensor {tensor['name']}")
