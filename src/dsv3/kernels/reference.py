@@ -138,7 +138,10 @@ def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 def fp8_scale(amax: torch.Tensor, scale_fmt: str | None = None) -> torch.Tensor:
     """Dequantization scale for a tile/block with absolute maximum `amax` (fp32)."""
-    s = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    # Divide by a tensor, not a Python number: on CUDA torch turns `x / scalar` into `x * (1 / scalar)`,
+    # which is off by an ulp from the correctly rounded quotient the kernels compute.
+    s = amax / torch.full_like(amax, FP8_MAX)
     return pow2_ceil(s) if scale_fmt == "ue8m0" else s
 
 
