@@ -321,7 +321,7 @@ def fp8_gemm(
         m,
         n,
         k,
-        capability=torch.cuda.get_device_capability(a.device),
+        capability=scaled_mm.device_capability(a.device.index or 0),
         has_scaled_mm=scaled_mm.scaled_mm_api() is not None,
         has_triton=True,
         known_unsupported=(n, k, rowwise) in _SCALED_MM_REFUSED,

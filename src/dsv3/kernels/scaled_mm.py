@@ -9,6 +9,7 @@ decode (M <= 128) and for shapes cuBLAS refuses (N or K not a multiple of 128, M
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -18,6 +19,7 @@ Backend = Literal["scaled_mm", "triton", "torch"]
 DECODE_MAX_M = 128
 
 
+@functools.cache
 def scaled_mm_api() -> Literal["v2", "v1"] | None:
     """`"v2"`: torch.nn.functional.scaled_mm with explicit blockwise recipes; `"v1"`: torch._scaled_mm."""
     scaling = getattr(F, "ScalingType", None)
@@ -61,6 +63,12 @@ def fp8_gemm_backend(
     if cublas_ok:
         return "scaled_mm"
     return "torch"
+
+
+@functools.cache
+def device_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device `index`, asked once (the query costs microseconds per GEMM)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _col_major(t: torch.Tensor) -> torch.Tensor:
