@@ -343,6 +343,9 @@ def add_to_server(servicer: CheckpointServicer, server: grpc.aio.Server) -> None
         "Latest": unary(servicer.Latest, pb.LatestRequest, pb.LatestResponse),
         "Delete": unary(servicer.Delete, pb.DeleteRequest, pb.DeleteResponse),
     }
+    declared = {m.name for m in pb.DESCRIPTOR.services_by_name["CheckpointService"].methods}
+    if set(handlers) != declared:  # a method added to checkpoint.proto must be registered here too
+        raise RuntimeError(f"handlers {sorted(handlers)} != CheckpointService methods {sorted(declared)}")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
