@@ -17,6 +17,7 @@ dW is returned in fp32 then cast to the weight's dtype. On the CPU the ops run t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -127,3 +128,21 @@ class FP8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, scale_fmt={self.scale_fmt}"
         )
+
+
+def convert_to_fp8(
+    module: nn.Module, *, keep: Callable[[str], bool] = lambda name: False, scale_fmt: str | None = None
+) -> list[str]:
+    """Swap every `nn.Linear` under `module` for an `FP8Linear` sharing its parameters, in place.
+
+    `keep(name)` leaves the named Linear as it is. Parameters, their names and the state dict are unchanged
+    (checkpoints and an optimizer built before the swap keep working). Returns the swapped names.
+    """
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if type(child) is not nn.Linear or keep(name):
+            continue
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), attribute, FP8Linear.from_linear(child, scale_fmt))
+        swapped.append(name)
+    return swapped

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dsv3.balance.bias import apply_bias_update, expert_load, sequence_balance_loss
+from dsv3.kernels.fp8_linear import convert_to_fp8
 from dsv3.model.cache import KVCache
 from dsv3.model.config import ModelConfig
 from dsv3.model.decoder import DecoderLayer
@@ -82,6 +83,16 @@ class DeepSeekV3(nn.Module):
                 module.e_score_correction_bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+
+    def enable_fp8_training(self, scale_fmt: str | None = None) -> list[str]:
+        """Run the attention projections, dense MLPs, shared experts and MTP projections in FP8.
+
+        As in DeepSeek-V3's mixed-precision framework (report, section 3.3.1), the embedding, the output
+        head, the MoE gates, the norms and the attention core keep their precision. The routed experts
+        keep theirs too: their grouped FP8 kernels have no backward yet. Call after initialisation or
+        loading; returns the converted module names.
+        """
+        return convert_to_fp8(self, keep=lambda name: name == "lm_head", scale_fmt=scale_fmt)
 
     # ---- routing state ---------------------------------------------------------------------------
     def gates(self) -> list[Gate]:
