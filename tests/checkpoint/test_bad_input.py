@@ -184,3 +184,25 @@ def test_bad_segment_and_shard_numbers(shared_client: CheckpointClient, server) 
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Load(checkpoint_pb2.LoadRequest(job=job, step=1, shard=3, num_shards=3)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_shards" in err.value.details()
+
+
+def test_flipped_header_byte_or_missing_file_is_data_loss(
+    shared_client: CheckpointClient, shared_server, file_holding
+) -> None:
+    tensors = {f"t{i}": torch.randn(32) for i in range(6)}  # part files holding several tensors each
+    shared_client.save("hdr", 1, tensors)
+    shared_client.commit("hdr", 1)
+    directory = shared_server.data_dir / "jobs" / "hdr" / "committed" / f"{1:012d}"
+    part = file_holding(directory, "t3")
+    raw = bytearray(part.read_bytes())
+    raw[12] ^= 0x01  # inside the safetensors JSON header
+    part.write_bytes(bytes(raw))
+    with pytest.raises(grpc.RpcError) as err:
+        shared_client.load("hdr", 1, names=["t3"])
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert f"{part.name}: header checksum mismatch" in err.value.details()
+    part.unlink()
+    with pytest.raises(grpc.RpcError) as err:
+        shared_client.load("hdr", 1)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert f"{part.name} is missing" in err.value.details()

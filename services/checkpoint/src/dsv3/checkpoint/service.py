@@ -31,6 +31,7 @@ from dsv3.checkpoint.storage import (
     WrongState,
     read_tensor_chunks,
     select_tensors,
+    verify_part_file,
 )
 from dsv3.checkpoint.store import MetadataStore, open_store, reconcile
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
@@ -296,9 +297,13 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
             directory = self.layout.committed(manifest["job"], manifest["step"])
             selected = select_tensors(manifest, list(request.names))
             runs = balanced_runs([tensor["nbytes"] for _, tensor in selected], num_shards)
+            verified: set[str] = set()  # part files whose header was checked during this load
             for (part, tensor), run in zip(selected, runs, strict=True):
                 if run != request.shard:
                     continue
+                if part["file"] not in verified:
+                    await asyncio.to_thread(verify_part_file, directory, part)
+                    verified.add(part["file"])
                 yield checkpoint_pb2.LoadResponse(
                     tensor=tensor_pb2.TensorSpec(
                         name=tensor["name"], dtype=tensor["dtype"], shape=tensor["shape"]

@@ -282,9 +282,7 @@ class Layout:
         path = directory / part["file"]
         if not path.exists() or path.stat().st_size != part["size_bytes"]:
             raise CorruptData(f"{path.name}: missing or not {part['size_bytes']} bytes")
-        with open(path, "rb") as handle:
-            if checksum.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
-                raise CorruptData(f"{path.name}: header checksum mismatch")
+        _check_header(path, part)
         return part
 
     def delete(self, job: str, step: int) -> None:
@@ -350,6 +348,20 @@ def select_tensors(manifest: dict[str, Any], names: list[str]) -> list[tuple[dic
     return chosen
 
 
+def _check_header(path: Path, part: dict[str, Any]) -> None:
+    with open(path, "rb") as handle:
+        if checksum.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
+            raise CorruptData(f"{path.name}: header checksum mismatch")
+
+
+def verify_part_file(directory: Path, part: dict[str, Any]) -> None:
+    """Raise CorruptData (naming the file) if a committed part file is gone or its header changed."""
+    path = directory / part["file"]
+    if not path.is_file():
+        raise CorruptData(f"{path.name} is missing")
+    _check_header(path, part)
+
+
 def read_tensor_chunks(
     directory: Path,
     part: dict[str, Any],
@@ -359,14 +371,10 @@ def read_tensor_chunks(
 ) -> Iterator[bytes]:
     """Yield `frame(piece)` for the tensor's stored bytes, in order; `frame` copies (default: `bytes`).
 
-    Raises CorruptData (naming the file) if the tensor's CRC does not match, before its last piece.
+    The part file must have passed `verify_part_file` (once per load, not once per tensor). Raises
+    CorruptData (naming the file) if the tensor's CRC does not match, before its last piece.
     """
     path = directory / part["file"]
-    if not path.is_file():
-        raise CorruptData(f"{path.name} is missing")
-    with open(path, "rb") as handle:
-        if checksum.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
-            raise CorruptData(f"{path.name}: header checksum mismatch")
     remaining, crc = tensor["nbytes"], 0
 
     def checked(piece: memoryview) -> bytes:
