@@ -61,6 +61,15 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _tag(number: int, wire_type: int) -> bytes:
+    return bytes([number << 3 | wire_type])  # field numbers here are < 16: one byte
+
+
+def _scalar(number: int, value: int) -> bytes:
+    """A varint field as proto3 writes it: omitted when zero."""
+    return _tag(number, _VARINT) + _varint(value) if value else b""
+
+
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while pos < len(buf) and shift < 70:
@@ -83,17 +92,11 @@ def _read_length(buf: memoryview, pos: int) -> tuple[int, int]:
 # ---- SaveRequest (client -> server) ----------------------------------------------------------------
 def encode_save_chunk(tensor_index: int, offset: int, data: memoryview | bytes, crc32: int) -> bytes:
     """Serialized `SaveRequest(chunk=SaveChunk(...))`, byte-identical to what protobuf writes."""
-    fields = []
-    if tensor_index:
-        fields.append(bytes([1 << 3 | _VARINT]) + _varint(tensor_index))
-    if offset:
-        fields.append(bytes([2 << 3 | _VARINT]) + _varint(offset))
-    head = b"".join(fields)
     size = len(data)
-    data_head = bytes([3 << 3 | _LEN]) + _varint(size) if size else b""
-    tail = bytes([4 << 3 | _VARINT]) + _varint(crc32) if crc32 else b""
-    inner = len(head) + len(data_head) + size + len(tail)
-    return b"".join((bytes([_SAVE_REQUEST_CHUNK_TAG]), _varint(inner), head, data_head, data, tail))
+    head = _scalar(1, tensor_index) + _scalar(2, offset) + (_tag(3, _LEN) + _varint(size) if size else b"")
+    tail = _scalar(4, crc32)
+    inner = len(head) + size + len(tail)
+    return b"".join((bytes([_SAVE_REQUEST_CHUNK_TAG]), _varint(inner), head, data, tail))
 
 
 def serialize_save_request(message: bytes | checkpoint_pb2.SaveRequest) -> bytes:
