@@ -126,8 +126,8 @@ def act_quant(
 
 
 @triton.jit
-def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, POW2: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per BLOCK x BLOCK block of one matrix (program_id(2) walks a leading batch dim)."""
+def _weight_block(N, K, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK block of w [batch, N, K]: element offsets, bounds mask, scale index."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
@@ -135,12 +135,19 @@ def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, POW2: tl.constexpr, BLOCK: t
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     offs = batch * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    s_index = (batch * tl.cdiv(N, BLOCK) + pid_n) * tl.cdiv(K, BLOCK) + pid_k
+    return offs, mask, s_index
+
+
+@triton.jit
+def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per BLOCK x BLOCK block of one matrix (program_id(2) walks a leading batch dim)."""
+    offs, mask, s_index = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     y = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -448.0), 448.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    num_kb = tl.cdiv(K, BLOCK)
-    tl.store(s_ptr + (batch * tl.cdiv(N, BLOCK) + pid_n) * num_kb + pid_k, s)
+    tl.store(s_ptr + s_index, s)
 
 
 def weight_quant(
@@ -166,14 +173,8 @@ def weight_quant(
 
 @triton.jit
 def _weight_dequant_kernel(w_ptr, s_ptr, y_ptr, N, K, BLOCK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
-    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    offs = batch * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    s = tl.load(s_ptr + (batch * tl.cdiv(N, BLOCK) + pid_n) * tl.cdiv(K, BLOCK) + pid_k)
+    offs, mask, s_index = _weight_block(N, K, BLOCK)
+    s = tl.load(s_ptr + s_index)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, (w * s).to(y_ptr.dtype.element_ty), mask=mask)
 
