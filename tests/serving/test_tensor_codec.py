@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsv3.rpc.v1 import tensor_pb2
-from dsv3.serving import tensor_codec
+from dsv3.serving import dtypes, tensor_codec
 
 DTYPES = [
     torch.bfloat16,
@@ -53,3 +53,17 @@ def test_safetensors_names() -> None:
     assert tensor_codec.wire_dtype_from_safetensors("BF16") == tensor_pb2.DType.BFLOAT16
     with pytest.raises(tensor_codec.TensorCodecError):
         tensor_codec.wire_dtype_from_safetensors("C64")
+
+
+def test_torch_free_dtype_table_matches_torch() -> None:
+    """`dtypes` (used by the torch-free checkpoint server) and the torch side agree on every dtype."""
+    assert {tensor_codec.wire_dtype(d) for d in DTYPES} == set(dtypes.SUPPORTED)
+    for dtype in DTYPES:
+        wire = tensor_codec.wire_dtype(dtype)
+        assert tensor_codec.torch_dtype(wire) == dtype
+        assert dtypes.itemsize(wire) == dtype.itemsize
+        assert dtypes.nbytes(wire, (3, 5)) == torch.empty(3, 5, dtype=dtype).nbytes
+    with pytest.raises(dtypes.TensorCodecError, match="negative dimension"):
+        dtypes.nbytes(tensor_pb2.DType.FLOAT32, (2, -1))
+    with pytest.raises(dtypes.TensorCodecError, match="unsupported safetensors dtype"):
+        dtypes.wire_dtype_from_safetensors("F4")

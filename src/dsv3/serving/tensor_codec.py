@@ -1,7 +1,8 @@
 """torch.Tensor <-> `dsv3.rpc.v1.Tensor`: dtype + shape + raw little-endian bytes.
 
-Every service moves tensors through this codec, so dtype names, the safetensors names used on disk
-and size checks live in one place. Decoding refuses a byte count that does not match dtype x shape.
+Every service that holds torch tensors moves them through this codec. The torch-free half (wire
+dtypes, safetensors names, byte counts) is `dsv3.serving.dtypes`, re-exported here. Decoding refuses a
+byte count that does not match dtype x shape.
 """
 
 from __future__ import annotations
@@ -11,31 +12,44 @@ import sys
 import torch
 
 from dsv3.rpc.v1 import tensor_pb2
+from dsv3.serving.dtypes import (
+    DType,
+    TensorCodecError,
+    nbytes,
+    safetensors_dtype,
+    wire_dtype_from_safetensors,
+)
 
 if sys.byteorder != "little":  # raw tensor bytes are little-endian on the wire and on disk
     raise ImportError("dsv3.serving.tensor_codec needs a little-endian machine")
 
-DType = tensor_pb2.DType
+__all__ = [
+    "DType",
+    "TensorCodecError",
+    "byte_view",
+    "decode",
+    "encode",
+    "from_bytes",
+    "nbytes",
+    "safetensors_dtype",
+    "torch_dtype",
+    "wire_dtype",
+    "wire_dtype_from_safetensors",
+]
 
-# wire dtype <-> (torch dtype, safetensors dtype name)
-_TABLE: dict[int, tuple[torch.dtype, str]] = {
-    DType.BFLOAT16: (torch.bfloat16, "BF16"),
-    DType.FLOAT16: (torch.float16, "F16"),
-    DType.FLOAT32: (torch.float32, "F32"),
-    DType.FLOAT64: (torch.float64, "F64"),
-    DType.FLOAT8_E4M3FN: (torch.float8_e4m3fn, "F8_E4M3"),
-    DType.FLOAT8_E5M2: (torch.float8_e5m2, "F8_E5M2"),
-    DType.INT32: (torch.int32, "I32"),
-    DType.INT64: (torch.int64, "I64"),
-    DType.UINT8: (torch.uint8, "U8"),
-    DType.BOOL: (torch.bool, "BOOL"),
+_TO_TORCH: dict[int, torch.dtype] = {
+    DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT16: torch.float16,
+    DType.FLOAT32: torch.float32,
+    DType.FLOAT64: torch.float64,
+    DType.FLOAT8_E4M3FN: torch.float8_e4m3fn,
+    DType.FLOAT8_E5M2: torch.float8_e5m2,
+    DType.INT32: torch.int32,
+    DType.INT64: torch.int64,
+    DType.UINT8: torch.uint8,
+    DType.BOOL: torch.bool,
 }
-_FROM_TORCH = {torch_dtype: wire for wire, (torch_dtype, _) in _TABLE.items()}
-_FROM_SAFETENSORS = {name: wire for wire, (_, name) in _TABLE.items()}
-
-
-class TensorCodecError(ValueError):
-    """A tensor message or spec is malformed (unknown dtype, negative dim, byte-count mismatch)."""
+_FROM_TORCH = {torch_dtype: wire for wire, torch_dtype in _TO_TORCH.items()}
 
 
 def wire_dtype(dtype: torch.dtype) -> int:
@@ -49,31 +63,9 @@ def wire_dtype(dtype: torch.dtype) -> int:
 
 def torch_dtype(wire: int) -> torch.dtype:
     try:
-        return _TABLE[wire][0]
+        return _TO_TORCH[wire]
     except KeyError:
         raise TensorCodecError(f"unknown or unspecified dtype {wire}") from None
-
-
-def safetensors_dtype(wire: int) -> str:
-    torch_dtype(wire)
-    return _TABLE[wire][1]
-
-
-def wire_dtype_from_safetensors(name: str) -> int:
-    try:
-        return _FROM_SAFETENSORS[name]
-    except KeyError:
-        raise TensorCodecError(f"unsupported safetensors dtype {name!r}") from None
-
-
-def nbytes(wire: int, shape: list[int] | tuple[int, ...]) -> int:
-    """Bytes of a tensor of this dtype and shape; refuses negative dimensions."""
-    if any(d < 0 for d in shape):
-        raise TensorCodecError(f"negative dimension in shape {list(shape)}")
-    count = 1
-    for d in shape:
-        count *= d
-    return count * torch_dtype(wire).itemsize
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

@@ -35,7 +35,7 @@ from dsv3.checkpoint.storage import (
 )
 from dsv3.checkpoint.store import MetadataStore, open_store, reconcile
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
-from dsv3.serving import tensor_codec
+from dsv3.serving import dtypes
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 
@@ -59,7 +59,7 @@ _DISK_ERRNOS = {
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The gRPC status an exception maps to, or None for an unexpected error."""
-    if isinstance(exc, names.InvalidRequest | tensor_codec.TensorCodecError):
+    if isinstance(exc, names.InvalidRequest | dtypes.TensorCodecError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
@@ -190,7 +190,7 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         for spec in header.tensors:
             names.check_tensor_name(spec.name)
             shape = tuple(spec.shape)
-            tensor_codec.nbytes(spec.dtype, shape)  # validates dtype and dimensions
+            dtypes.nbytes(spec.dtype, shape)  # validates dtype and dimensions
             entries.append(TensorEntry(spec.name, spec.dtype, shape))
         if self.layout.committed(job, step).exists():
             raise WrongState(f"{job}@{step} is already committed; delete it before saving again")

@@ -29,7 +29,7 @@ from typing import Any
 from dsv3.checkpoint import checksum
 from dsv3.checkpoint.directio import DirectWriter, read_range
 from dsv3.checkpoint.names import InvalidRequest
-from dsv3.serving import tensor_codec
+from dsv3.serving import dtypes
 
 MANIFEST = "manifest.json"
 
@@ -72,7 +72,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return tensor_codec.nbytes(self.dtype, self.shape)
+        return dtypes.nbytes(self.dtype, self.shape)
 
 
 def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -80,7 +80,7 @@ def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) ->
     offset = 0
     for entry in entries:
         header[entry.name] = {
-            "dtype": tensor_codec.safetensors_dtype(entry.dtype),
+            "dtype": dtypes.safetensors_dtype(entry.dtype),
             "shape": list(entry.shape),
             "data_offsets": [offset, offset + entry.nbytes],
         }
