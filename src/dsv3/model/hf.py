@@ -7,6 +7,10 @@ Internal names equal the checkpoint's except for two things this module translat
   in the release (`enorm`, `hnorm`, `eh_proj`, `shared_head.norm`, the block's own names, plus copies
   of the shared `embed_tokens` and `shared_head.head` that are written on save and checked on load).
 Transformers' own fused names (`mlp.experts.gate_up_proj`) load as well.
+
+DeepSeek publishes V3 in FP8: each quantized projection is a float8_e4m3fn `weight` plus a float32
+`weight_scale_inv` per 128x128 block (`quantization_config.weight_block_size`), and the real weight is
+their product. Loading dequantizes those pairs; a saved checkpoint is unquantized.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ _EXPERT = re.compile(
 )
 _MTP_INTERNAL = re.compile(r"^mtp\.(?P<index>\d+)\.(?P<rest>.+)$")
 _LAYER = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
+_SCALE_SUFFIX = "_scale_inv"
 _MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"}
 _MTP_SHARED_COPIES = {
     "embed_tokens.weight": "model.embed_tokens.weight",
@@ -132,6 +137,63 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig) ->
     return out
 
 
+# ---- FP8 release checkpoints -----------------------------------------------------------------------
+def fp8_block_size(raw_config: dict) -> int:
+    """The square block edge of an FP8 checkpoint's weight scales (DeepSeek's release: 128)."""
+    quant = raw_config.get("quantization_config")
+    if quant is None:
+        return 128
+    if not isinstance(quant, dict):
+        raise ConfigError(f"quantization_config must be an object, got {quant!r}")
+    method = quant.get("quant_method", "fp8")
+    if method != "fp8":
+        raise ConfigError(f"quantization_config.quant_method {method!r} is not supported (only 'fp8')")
+    block = quant.get("weight_block_size", [128, 128])
+    if (
+        not isinstance(block, list | tuple)
+        or len(block) != 2
+        or block[0] != block[1]
+        or not isinstance(block[0], int)
+        or block[0] <= 0
+    ):
+        raise ConfigError(
+            f"quantization_config.weight_block_size must be a square [b, b] of positive ints, got {block!r}"
+        )
+    return block[0]
+
+
+def dequantize_fp8(tensors: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
+    """Replace every float8 `X.weight` + `X.weight_scale_inv` pair by the float32 weight it encodes."""
+    from dsv3.kernels import reference  # any block edge, on the CPU tensors safetensors hands back
+
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(_SCALE_SUFFIX):
+            if name.removesuffix(_SCALE_SUFFIX) not in tensors:
+                raise CheckpointFormatError(f"{name} has no weight {name.removesuffix(_SCALE_SUFFIX)}")
+            continue
+        if tensor.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            out[name] = tensor
+            continue
+        scale = tensors.get(name + _SCALE_SUFFIX)
+        if scale is None:
+            raise CheckpointFormatError(f"{name} is {tensor.dtype} but {name}{_SCALE_SUFFIX} is missing")
+        if tensor.dtype != torch.float8_e4m3fn or tensor.dim() != 2:
+            raise CheckpointFormatError(
+                f"{name}: FP8 weights must be 2-D float8_e4m3fn, got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        rows, cols = tensor.shape
+        blocks = (-(-rows // block_size), -(-cols // block_size))
+        if tuple(scale.shape) != blocks or not scale.is_floating_point():
+            raise CheckpointFormatError(
+                f"{name}{_SCALE_SUFFIX}: expected float scales of shape {blocks} "
+                f"({block_size}x{block_size} blocks of a {rows}x{cols} weight), "
+                f"got {scale.dtype} {tuple(scale.shape)}"
+            )
+        out[name] = reference.weight_dequant(tensor, scale.float(), block_size, torch.float32)
+    return out
+
+
 # ---- files -----------------------------------------------------------------------------------------
 def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
     files = sorted(directory.glob("*.safetensors"))
@@ -158,7 +220,9 @@ def load_pretrained(
     if not directory.is_dir():
         raise ConfigError(f"checkpoint directory not found: {directory}")
     config = ModelConfig.from_hf_config(directory / "config.json")
-    state = from_hf_state_dict(read_safetensors_dir(directory), config)
+    raw_config = json.loads((directory / "config.json").read_text())
+    tensors = dequantize_fp8(read_safetensors_dir(directory), fp8_block_size(raw_config))
+    state = from_hf_state_dict(tensors, config)
     with torch.device(device):
         model = cls(config)
     expected = model.state_dict()
