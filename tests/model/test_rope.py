@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dsv3.model import ModelConfig
+from dsv3.model import DeepSeekV3, ModelConfig
 from dsv3.model.config import RopeConfig
 from dsv3.model.rope import apply_rotary, inverse_frequencies, rotary_amplitude
 
@@ -64,3 +64,21 @@ def test_scores_depend_only_on_relative_position() -> None:
 
     assert score(7, 3) == pytest.approx(score(104, 100), abs=1e-4)
     assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-4)
+
+
+def test_casting_the_model_keeps_frequencies_and_routing_bias_float32(debug_config: ModelConfig) -> None:
+    """bf16 frequencies would put ~1.8 rad of error into 671B's rope angles by position 4096."""
+    model = DeepSeekV3(debug_config)
+    bias = torch.linspace(-1e-3, 1e-3, debug_config.n_routed_experts) + 1e-7  # not bf16-representable
+    model.gates()[0].e_score_correction_bias.copy_(bias)
+    model.to(torch.bfloat16)
+    expected = inverse_frequencies(debug_config.rope, debug_config.qk_rope_head_dim)
+    assert model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.rotary_emb.inv_freq, expected)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(model.gates()[0].e_score_correction_bias, bias)  # not rounded through bf16
+    # Built on meta and materialised (how from_pretrained builds): the frequencies are real values.
+    with torch.device("meta"):
+        lazy = DeepSeekV3(debug_config)
+    lazy.to_empty(device="cpu")
+    assert torch.equal(lazy.rotary_emb.inv_freq, expected)

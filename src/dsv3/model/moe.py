@@ -12,6 +12,8 @@ Routing (per token):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Self
 
 import torch
 from torch import nn
@@ -45,6 +47,14 @@ class Gate(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32)
         )
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        """`model.to(bf16)` casts the gate weight but keeps the selection bias float32, as released."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != bias.dtype:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         scores_TE = (x_TD.float() @ self.weight.float().T).sigmoid()

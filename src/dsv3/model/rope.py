@@ -9,6 +9,8 @@ beta_fast and beta_slow correction dimensions the frequency blends linearly from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Self
 
 import torch
 
@@ -53,10 +55,20 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.rope = config.rope
+        self.dim = config.qk_rope_head_dim
         self.amplitude = rotary_amplitude(config.rope)
-        self.register_buffer(
-            "inv_freq", inverse_frequencies(config.rope, config.qk_rope_head_dim), persistent=False
-        )
+        self.register_buffer("inv_freq", inverse_frequencies(self.rope, self.dim), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
+        """Moves follow the module; dtype casts and `to_empty` do not reach the frequencies.
+
+        In bf16 a frequency keeps 8 bits, which puts radians of error into the angles of positions
+        in the thousands; `to_empty` would leave them uninitialised. They are rebuilt in float32.
+        """
+        super()._apply(fn, recurse)
+        self.inv_freq = inverse_frequencies(self.rope, self.dim).to(self.inv_freq.device)
+        return self
 
     def forward(self, positions_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions_T.to(torch.float32)[:, None] * self.inv_freq[None, :]
