@@ -1,6 +1,9 @@
 """Hugging Face checkpoint format: exact round trips, interop with transformers, clear errors."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -155,3 +158,72 @@ def test_from_pretrained_casts_but_keeps_bias_fp32(tmp_path, debug_config: Model
     assert all(g.e_score_correction_bias.dtype == torch.float32 for g in model.gates())
     with torch.no_grad():
         assert model(torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.bfloat16
+
+
+def test_inconsistent_checkpoints_are_refused(tmp_path, debug_config: ModelConfig) -> None:
+    _random_model(debug_config).save_pretrained(tmp_path / "good")
+    tensors = load_file(tmp_path / "good" / "model.safetensors")
+    mtp = f"model.layers.{debug_config.num_hidden_layers}"
+    stacked = torch.stack(
+        [
+            torch.cat((tensors[f"model.layers.1.mlp.experts.{e}.gate_proj.weight"],) * 2)
+            for e in range(debug_config.n_routed_experts)
+        ]
+    )
+    cases = {
+        "mtp_copy_differs": (
+            {f"{mtp}.embed_tokens.weight": tensors["model.embed_tokens.weight"] + 1},
+            "differs from model.embed_tokens.weight",
+        ),
+        "fused_and_per_expert": ({"model.layers.1.mlp.experts.gate_up_proj": stacked}, "a second time"),
+        "expert_out_of_range": (
+            {
+                "model.layers.1.mlp.experts.99.down_proj.weight": tensors[
+                    "model.layers.1.mlp.experts.0.down_proj.weight"
+                ].clone()
+            },
+            "expert 99",
+        ),
+        "unknown_tensor": ({"model.layers.0.mystery.weight": torch.ones(2)}, "unexpected"),
+    }
+    for case, (change, message) in cases.items():
+        (tmp_path / case).mkdir()
+        debug_config.save(tmp_path / case)
+        save_file(tensors | change, tmp_path / case / "model.safetensors")
+        with pytest.raises(CheckpointFormatError, match=message):
+            DeepSeekV3.from_pretrained(tmp_path / case)
+
+
+def test_bf16_load_peaks_near_one_model(tmp_path, debug_config: ModelConfig) -> None:
+    """The model is built on meta and filled in place: no random init, no float32 copy, no stacking copy."""
+    config = debug_config.replace(
+        hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, vocab_size=32768
+    )
+    model = DeepSeekV3(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_bytes=16 << 20)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    script = textwrap.dedent(
+        """
+        import pathlib, sys, torch
+        import dsv3.model.hf
+        from dsv3.model import DeepSeekV3, ModelConfig
+
+        with torch.device("meta"):  # the first meta build imports ~150 MiB of torch once; not measured
+            DeepSeekV3(ModelConfig.flavour("debug"))
+
+        def kib(key):
+            lines = pathlib.Path("/proc/self/status").read_text().splitlines()
+            return int(next(line.split()[1] for line in lines if line.startswith(key)))
+
+        pathlib.Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts here
+        before = kib("VmRSS:")
+        model = DeepSeekV3.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+        print((kib("VmHWM:") - before) * 1024, model.lm_head.weight.dtype)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    peak, dtype = out.stdout.split()
+    assert dtype == "torch.bfloat16"
+    assert model_bytes > 40 << 20 and int(peak) < 1.6 * model_bytes, (int(peak) >> 20, model_bytes >> 20)
