@@ -74,6 +74,13 @@ def test_sharded_save_writes_an_index(tmp_path, debug_config: ModelConfig) -> No
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
+    absent = sorted(files)[1]
+    (tmp_path / absent).unlink()  # an interrupted download
+    with pytest.raises(CheckpointFormatError, match=f"not there: \\['{absent}'\\]"):
+        DeepSeekV3.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(CheckpointFormatError, match="no readable weight_map"):
+        DeepSeekV3.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(

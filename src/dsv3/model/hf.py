@@ -43,6 +43,15 @@ class _CheckpointFiles:
         self.files = sorted(directory.glob("*.safetensors"))
         if not self.files:
             raise CheckpointFormatError(f"no *.safetensors files in {directory}")
+        index = directory / "model.safetensors.index.json"
+        if index.exists():  # a partial download names its missing shards instead of "missing tensors"
+            try:
+                listed = set(json.loads(index.read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointFormatError(f"{index.name}: no readable weight_map ({err})") from None
+            absent = sorted(str(name) for name in listed if not (directory / str(name)).is_file())
+            if absent:
+                raise CheckpointFormatError(f"{index.name} lists files that are not there: {absent[:8]}")
         self.holder: dict[str, Path] = {}
         for file in self.files:
             with safe_open(file, framework="pt") as handle:
