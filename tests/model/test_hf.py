@@ -1,6 +1,7 @@
 """Hugging Face checkpoint format: exact round trips, interop with transformers, clear errors."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -65,7 +66,11 @@ def test_release_names_are_written(tmp_path, debug_config: ModelConfig) -> None:
 
 def test_sharded_save_writes_an_index(tmp_path, debug_config: ModelConfig) -> None:
     model = _random_model(debug_config)
-    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    finally:
+        os.umask(umask)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 1 and all((tmp_path / f).exists() for f in files)
@@ -74,6 +79,9 @@ def test_sharded_save_writes_an_index(tmp_path, debug_config: ModelConfig) -> No
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
+    # Ordinary file permissions (safetensors alone writes 0o600): other pods may serve this checkpoint.
+    expected_mode = 0o666 & ~0o022
+    assert all((tmp_path / f).stat().st_mode & 0o777 == expected_mode for f in files)
     absent = sorted(files)[1]
     (tmp_path / absent).unlink()  # an interrupted download
     with pytest.raises(CheckpointFormatError, match=f"not there: \\['{absent}'\\]"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,31 +170,58 @@ def load_pretrained(
     return model
 
 
+def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names per file, in order, each file at most `max_shard_bytes` (or one tensor)."""
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += size
+    return shards
+
+
+def _new_file_mode() -> int:
+    """What `open()` would give a new file: 0o666 less the umask (safetensors writes 0o600)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_pretrained(model: DeepSeekV3, directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json and the tensors in release layout, sharded with an index when large."""
+    """Write config.json and the tensors in release layout, sharded with an index when large.
+
+    One file's tensors are copied out at a time (split experts and MTP copies share storage with the
+    model, which safetensors refuses), so saving needs about one shard of extra memory.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in to_hf_state_dict(model).items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor.detach().to("cpu").contiguous().clone()
-        shard_bytes += size
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    tensors = to_hf_state_dict(model)
+    shards = _plan_shards(tensors, max_shard_bytes)
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    mode = _new_file_mode()
+    for file, names in zip(files, shards, strict=True):
+        shard = {name: tensors[name].detach().to("cpu").contiguous().clone() for name in names}
         save_file(shard, directory / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+        (directory / file).chmod(mode)
+    if len(shards) == 1:
+        return
     index = {
-        "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
-        "weight_map": weight_map,
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": {name: file for file, names in zip(files, shards, strict=True) for name in names},
     }
     (directory / "model.safetensors.index.json").write_text(
         json.dumps(index, indent=2, sort_keys=True) + "\n"
