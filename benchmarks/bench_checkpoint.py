@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv3.checkpoint import CheckpointClient
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from dsv3.serving.ports import free_port
 
 
 class PeakRss:
@@ -108,7 +102,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-ckpt-"))
     tensors = _make_tensors(args.gib)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,12 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 
 from dsv3.checkpoint import CheckpointClient
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from dsv3.serving.ports import free_port
 
 
 class RedisServer:
