@@ -23,8 +23,12 @@ def _correction_dim(num_rotations: float, dim: int, base: float, max_positions: 
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
-    """Per-pair angular frequencies [dim/2] in float32, YaRN-blended when configured."""
-    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    """Per-pair angular frequencies [dim/2] in float32 on the CPU, YaRN-blended when configured.
+
+    Always computed on the CPU: under `torch.device("meta")` arange goes through torch's Python
+    references, whose first use imports ~150 MiB of torch._dynamo.
+    """
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
     original = 1.0 / (rope.theta**exponents)
     if rope.rope_type != "yarn":
         return original
@@ -36,7 +40,7 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # a zero-width band would divide by zero
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     # ramp 0 keeps the original (extrapolated) frequency, ramp 1 takes the interpolated one.
     return original * (1 - ramp) + (original / rope.factor) * ramp
 
@@ -58,7 +62,8 @@ class RotaryEmbedding(torch.nn.Module):
         self.rope = config.rope
         self.dim = config.qk_rope_head_dim
         self.amplitude = rotary_amplitude(config.rope)
-        self.register_buffer("inv_freq", inverse_frequencies(self.rope, self.dim), persistent=False)
+        frequencies = inverse_frequencies(self.rope, self.dim).to(torch.get_default_device())
+        self.register_buffer("inv_freq", frequencies, persistent=False)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Self:
         """Moves follow the module; dtype casts and `to_empty` do not reach the frequencies.

@@ -48,7 +48,11 @@ class Backbone(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # `_weight` skips nn.Embedding's own normal_ init: DeepSeekV3.reset_parameters initialises it, and
+        # normal_ on the meta device imports ~150 MiB of torch._dynamo the first time.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -63,7 +67,8 @@ class DeepSeekV3(nn.Module):
             MultiTokenPrediction(config, depth) for depth in range(1, config.num_nextn_predict_layers + 1)
         )
         self.rotary_emb = RotaryEmbedding(config)
-        self.reset_parameters()
+        if self.lm_head.weight.device.type != "meta":  # nothing to initialise on meta (see Backbone)
+            self.reset_parameters()
 
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
