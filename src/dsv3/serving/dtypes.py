@@ -12,20 +12,20 @@ from dsv3.rpc.v1 import tensor_pb2
 
 DType = tensor_pb2.DType
 
-# wire dtype -> (safetensors dtype name, bytes per element)
-_TABLE: dict[int, tuple[str, int]] = {
-    DType.BFLOAT16: ("BF16", 2),
-    DType.FLOAT16: ("F16", 2),
-    DType.FLOAT32: ("F32", 4),
-    DType.FLOAT64: ("F64", 8),
-    DType.FLOAT8_E4M3FN: ("F8_E4M3", 1),
-    DType.FLOAT8_E5M2: ("F8_E5M2", 1),
-    DType.INT32: ("I32", 4),
-    DType.INT64: ("I64", 8),
-    DType.UINT8: ("U8", 1),
-    DType.BOOL: ("BOOL", 1),
+# wire dtype -> (safetensors dtype name, bytes per element, torch dtype attribute name)
+_TABLE: dict[int, tuple[str, int, str]] = {
+    DType.BFLOAT16: ("BF16", 2, "bfloat16"),
+    DType.FLOAT16: ("F16", 2, "float16"),
+    DType.FLOAT32: ("F32", 4, "float32"),
+    DType.FLOAT64: ("F64", 8, "float64"),
+    DType.FLOAT8_E4M3FN: ("F8_E4M3", 1, "float8_e4m3fn"),
+    DType.FLOAT8_E5M2: ("F8_E5M2", 1, "float8_e5m2"),
+    DType.INT32: ("I32", 4, "int32"),
+    DType.INT64: ("I64", 8, "int64"),
+    DType.UINT8: ("U8", 1, "uint8"),
+    DType.BOOL: ("BOOL", 1, "bool"),
 }
-_FROM_SAFETENSORS = {name: wire for wire, (name, _) in _TABLE.items()}
+_FROM_SAFETENSORS = {name: wire for wire, (name, _, _) in _TABLE.items()}
 
 SUPPORTED = tuple(_TABLE)
 
@@ -34,7 +34,7 @@ class TensorCodecError(ValueError):
     """A tensor message or spec is malformed (unknown dtype, negative dim, byte-count mismatch)."""
 
 
-def _entry(wire: int) -> tuple[str, int]:
+def _entry(wire: int) -> tuple[str, int, str]:
     try:
         return _TABLE[wire]
     except KeyError:
@@ -47,6 +47,11 @@ def itemsize(wire: int) -> int:
 
 def safetensors_dtype(wire: int) -> str:
     return _entry(wire)[0]
+
+
+def torch_name(wire: int) -> str:
+    """The `torch` attribute naming this dtype (`tensor_codec` turns it into a torch.dtype)."""
+    return _entry(wire)[2]
 
 
 def wire_dtype_from_safetensors(name: str) -> int:

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from dsv3.rpc.v1 import tensor_pb2
+from dsv3.serving import dtypes
 from dsv3.serving.dtypes import (
     DType,
     TensorCodecError,
@@ -37,19 +38,7 @@ __all__ = [
     "wire_dtype_from_safetensors",
 ]
 
-_TO_TORCH: dict[int, torch.dtype] = {
-    DType.BFLOAT16: torch.bfloat16,
-    DType.FLOAT16: torch.float16,
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT64: torch.float64,
-    DType.FLOAT8_E4M3FN: torch.float8_e4m3fn,
-    DType.FLOAT8_E5M2: torch.float8_e5m2,
-    DType.INT32: torch.int32,
-    DType.INT64: torch.int64,
-    DType.UINT8: torch.uint8,
-    DType.BOOL: torch.bool,
-}
-_FROM_TORCH = {torch_dtype: wire for wire, torch_dtype in _TO_TORCH.items()}
+_FROM_TORCH: dict[torch.dtype, int] = {getattr(torch, dtypes.torch_name(w)): w for w in dtypes.SUPPORTED}
 
 
 def wire_dtype(dtype: torch.dtype) -> int:
@@ -62,10 +51,7 @@ def wire_dtype(dtype: torch.dtype) -> int:
 
 
 def torch_dtype(wire: int) -> torch.dtype:
-    try:
-        return _TO_TORCH[wire]
-    except KeyError:
-        raise TensorCodecError(f"unknown or unspecified dtype {wire}") from None
+    return getattr(torch, dtypes.torch_name(wire))  # torch_name refuses unknown dtypes
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
