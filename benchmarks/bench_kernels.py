@@ -95,10 +95,12 @@ def _dense_rows(quick: bool) -> list[dict]:
     return rows
 
 
-def _routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _routing(tokens: int):
+    from dsv3.model.dispatch import Routing
+
     scores = torch.rand(tokens, MOE["experts"], device="cuda")
     weights, ids = scores.topk(MOE["top_k"], dim=-1)
-    return ids, (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+    return Routing(ids, (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16), scores)
 
 
 def _torch_grouped_mm(x, ids, weights, w_gate_up, w_down) -> torch.Tensor:
@@ -114,22 +116,43 @@ def _torch_grouped_mm(x, ids, weights, w_gate_up, w_down) -> torch.Tensor:
 
 
 def _moe_case(tokens: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> list[dict]:
+    """The whole routed-expert layer: the model's dispatcher around each grouped compute."""
     from dsv3.kernels import fp8, moe, reference
+    from dsv3.model.dispatch import LocalDispatcher
 
     e, d, f = MOE["experts"], MOE["hidden"], MOE["width"]
     wgu_q, wgu_s = fp8.weight_quant(w_gate_up)
     wd_q, wd_s = fp8.weight_quant(w_down)
     x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    ids, weights = _routing(tokens)
+    routing = _routing(tokens)
+    dispatcher = LocalDispatcher(e)
+
+    def layer(compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x=x) -> torch.Tensor:
+        rows, counts, handle = dispatcher.dispatch(x, routing)
+        return dispatcher.combine(compute(rows, counts), handle)
+
+    def offsets(counts: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(counts, 0).to(torch.int32)
+
     impls: dict[str, Callable[[], torch.Tensor]] = {
         # on CUDA the reference takes its per-expert loop (its torch._grouped_mm path is CPU-only)
-        "bf16 PyTorch loop over experts": lambda: reference.moe_experts(x, ids, weights, w_gate_up, w_down),
-        "bf16 ours (Triton)": lambda: moe.moe_experts(x, ids, weights, w_gate_up, w_down),
-        "fp8 ours (Triton)": lambda: moe.moe_experts_fp8(x, ids, weights, wgu_q, wgu_s, wd_q, wd_s),
+        "bf16 PyTorch loop over experts": lambda: layer(
+            lambda r, c: reference.grouped_swiglu(r, c, w_gate_up, w_down)
+        ),
+        "bf16 ours (Triton)": lambda: layer(
+            lambda r, c: moe.grouped_swiglu(r, offsets(c), w_gate_up, w_down)
+        ),
+        "fp8 ours (Triton)": lambda: layer(
+            lambda r, c: moe.grouped_swiglu_fp8(r, offsets(c), wgu_q, wgu_s, wd_q, wd_s)
+        ),
     }
     if hasattr(torch, "_grouped_mm"):
-        impls["bf16 torch._grouped_mm"] = lambda: _torch_grouped_mm(x, ids, weights, w_gate_up, w_down)
-    exact = reference.moe_experts(x.float(), ids, weights.float(), w_gate_up.float(), w_down.float())
+        impls["bf16 torch._grouped_mm"] = lambda: _torch_grouped_mm(
+            x, routing.ids_TK, routing.weights_TK, w_gate_up, w_down
+        )
+    exact = layer(
+        lambda r, c: reference.grouped_swiglu(r, c.cpu(), w_gate_up.float(), w_down.float()), x=x.float()
+    )
     flops = 6 * tokens * MOE["top_k"] * d * f
     rows, base_ms = [], None
     for name, fn in impls.items():

@@ -58,8 +58,8 @@ def run_demo(settings: DemoSettings, log=print) -> dict[str, float]:
     start, seen = time.perf_counter(), 0
     for step in range(1, settings.steps + 1):
         ids = data.sample(settings.batch)
-        out = model(ids, balance_alpha=settings.balance_alpha)
-        loss = language_model_loss(out, ids, settings.mtp_weight)
+        out = model(ids)
+        loss = language_model_loss(out, ids, settings.mtp_weight, settings.balance_alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,4 +1,4 @@
-"""MoE expert kernels: permutation, grouped GEMMs (bf16/fp32 and FP8), combine, the whole expert layer."""
+"""MoE expert kernels on rows grouped by expert: grouped GEMMs (bf16/fp32 and FP8) and the SwiGLU FFN."""
 
 import pytest
 import torch
@@ -10,29 +10,6 @@ COUNTS = [0, 1, 127, 129, 0, 5]  # rows per expert: empty experts, single rows, 
 
 def _offsets(counts: list[int], device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
-
-
-def _routing(num_tokens: int, top_k: int, num_experts: int, device, skip: int | None = None):
-    """Distinct experts per token (like a real top-k); expert `skip` gets no token."""
-    allowed = [e for e in range(num_experts) if e != skip]
-    scores = torch.rand(num_tokens, len(allowed))
-    ids = torch.tensor(allowed)[scores.topk(top_k, dim=-1).indices]
-    return ids.to(device), torch.rand(num_tokens, top_k, device=device)
-
-
-def test_moe_permute_groups_rows_by_expert_in_token_order(device) -> None:
-    ids, _ = _routing(40, 3, 6, device, skip=4)
-    order, offsets = ops.moe_permute(ids, 6)
-    assert offsets.dtype == torch.int32 and offsets.tolist()[-1] == 120
-    flat = ids.reshape(-1)
-    counts = torch.bincount(flat, minlength=6)
-    assert torch.equal(offsets.cpu(), counts.cumsum(0).to(torch.int32).cpu())
-    assert offsets[4] == offsets[3]  # the empty expert
-    sorted_ids = flat[order]
-    assert (sorted_ids[1:] >= sorted_ids[:-1]).all()
-    for e, (lo, hi) in enumerate(zip([0, *offsets.tolist()[:-1]], offsets.tolist(), strict=True)):
-        rows = order[lo:hi]
-        assert (flat[rows] == e).all() and (rows[1:] > rows[:-1]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,9 +51,9 @@ def test_grouped_gemm_kernel_fused_swiglu(triton_backend, device, rel_err) -> No
 
     counts = [3, 0, 70]
     x, w = torch.randn(73, 128, device=device), torch.randn(3, 2 * 72, 128, device=device)
-    offsets, row_weights = _offsets(counts, device), torch.rand(73, device=device)
-    out = moe.grouped_gemm(x, w, offsets, swiglu_weights_N=row_weights)
-    expected = reference.swiglu(reference.grouped_gemm(x, w, offsets)) * row_weights[:, None]
+    offsets = _offsets(counts, device)
+    out = moe.grouped_gemm(x, w, offsets, swiglu=True)
+    expected = reference.swiglu(reference.grouped_gemm(x, w, offsets))
     assert out.shape == (73, 72)
     assert rel_err(out, expected) < 1e-5
 
@@ -95,72 +72,62 @@ def test_grouped_gemm_fp8_kernel(triton_backend, device, tiled_randn, rel_err) -
     assert out16.dtype == torch.bfloat16 and rel_err(out16, expected) < 1e-2
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_moe_combine_kernel(triton_backend, device, weighted) -> None:
-    num_tokens, top_k = 37, 3
-    rows = torch.randn(num_tokens * top_k, 160, device=device)
-    order = torch.randperm(num_tokens * top_k, device=device)
-    weights = torch.rand(num_tokens, top_k, device=device) if weighted else None
-    out = ops.moe_combine(rows, order, num_tokens, top_k, weights)
-    # by hand: row i of `rows` holds (token, slot) = divmod(order[i], top_k)
-    expected = torch.zeros(num_tokens, 160, device=device)
-    for i, flat in enumerate(order.tolist()):
-        t, k = divmod(flat, top_k)
-        expected[t] += rows[i] * (weights[t, k] if weighted else 1.0)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(reference.moe_combine(rows, order, num_tokens, top_k, weights), expected)
-
-
 def _experts(num_experts: int, hidden: int, width: int, device, dtype=torch.float32):
     w_gate_up = torch.randn(num_experts, 2 * width, hidden, device=device) / hidden**0.5
     w_down = torch.randn(num_experts, hidden, width, device=device) / width**0.5
     return w_gate_up.to(dtype), w_down.to(dtype)
 
 
+def _counts(counts: list[int], device) -> torch.Tensor:
+    return torch.tensor(counts, device=device)
+
+
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("num_tokens", [50, 1])
-def test_moe_experts_triton_matches_reference(
-    triton_backend, device, rel_err, dtype, tol, num_tokens
-) -> None:
-    ids, weights = _routing(num_tokens, 3, 6, device, skip=4)
-    x = torch.randn(num_tokens, 128, device=device, dtype=dtype)
+@pytest.mark.parametrize("counts", [[20, 0, 57, 1, 0, 72], [1, 0, 0, 0, 0, 0]])
+def test_grouped_swiglu_triton_matches_reference(triton_backend, device, rel_err, dtype, tol, counts) -> None:
+    x = torch.randn(sum(counts), 128, device=device, dtype=dtype)
     w_gate_up, w_down = _experts(6, 128, 96, device, dtype)
-    out = ops.moe_experts(x, ids, weights, w_gate_up, w_down)
+    out = ops.grouped_swiglu(x, _counts(counts, device), w_gate_up, w_down)
     with ops.force_backend("torch"):
-        expected = ops.moe_experts(x, ids, weights, w_gate_up, w_down)
+        expected = ops.grouped_swiglu(x, _counts(counts, device), w_gate_up, w_down)
     assert out.shape == x.shape and out.dtype == dtype
     assert rel_err(out, expected) < tol
+    # by hand for one expert: its rows used its own weights
+    lo, hi = counts[0], counts[0] + counts[2]
+    if hi > lo:
+        gate, up = (x[lo:hi].float() @ w_gate_up[2].float().T).chunk(2, dim=-1)
+        by_hand = (torch.nn.functional.silu(gate) * up) @ w_down[2].float().T
+        assert rel_err(out[lo:hi], by_hand) < tol
 
 
-def test_moe_experts_no_tokens(triton_backend, device) -> None:
+def test_grouped_swiglu_no_rows(triton_backend, device) -> None:
     w_gate_up, w_down = _experts(4, 128, 64, device)
-    ids = torch.empty(0, 2, dtype=torch.int64, device=device)
-    out = ops.moe_experts(
-        torch.empty(0, 128, device=device), ids, torch.empty(0, 2, device=device), w_gate_up, w_down
-    )
+    out = ops.grouped_swiglu(torch.empty(0, 128, device=device), _counts([0] * 4, device), w_gate_up, w_down)
     assert out.shape == (0, 128)
 
 
-def test_moe_experts_uses_reference_when_gradients_are_needed(triton_backend, device) -> None:
-    ids, weights = _routing(8, 2, 4, device)
+def test_grouped_swiglu_uses_reference_when_gradients_are_needed(triton_backend, device) -> None:
     w_gate_up, w_down = _experts(4, 128, 64, device)
     w_gate_up.requires_grad_(True)
-    out = ops.moe_experts(torch.randn(8, 128, device=device), ids, weights, w_gate_up, w_down)
+    out = ops.grouped_swiglu(
+        torch.randn(8, 128, device=device), _counts([3, 0, 4, 1], device), w_gate_up, w_down
+    )
     out.sum().backward()
-    assert w_gate_up.grad is not None and w_gate_up.grad.abs().sum() > 0
+    assert w_gate_up.grad is not None and w_gate_up.grad[[0, 2, 3]].abs().sum() > 0
+    assert not w_gate_up.grad[1].any()  # the empty expert
 
 
-def test_moe_experts_fp8(triton_backend, device, rel_err) -> None:
-    ids, weights = _routing(50, 3, 6, device, skip=4)
-    x = torch.randn(50, 256, device=device, dtype=torch.bfloat16)
+def test_grouped_swiglu_fp8(triton_backend, device, rel_err) -> None:
+    counts = [13, 0, 22, 1, 9, 5]
+    x = torch.randn(sum(counts), 256, device=device, dtype=torch.bfloat16)
     w_gate_up, w_down = _experts(6, 256, 160, device)  # F = 160: a 128-block straddles gate and up rows
     (wgu_q, wgu_s), (wd_q, wd_s) = reference.weight_quant(w_gate_up), reference.weight_quant(w_down)
-    out = ops.moe_experts_fp8(x, ids, weights, wgu_q, wgu_s, wd_q, wd_s)
-    expected = reference.moe_experts_fp8(x, ids, weights, wgu_q, wgu_s, wd_q, wd_s)
+    out = ops.grouped_swiglu_fp8(x, _counts(counts, device), wgu_q, wgu_s, wd_q, wd_s)
+    expected = reference.grouped_swiglu_fp8(x, _counts(counts, device), wgu_q, wgu_s, wd_q, wd_s)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     assert rel_err(out, expected) < 1e-2
-    # and the FP8 layer approximates the unquantized one
-    exact = reference.moe_experts(x.float(), ids, weights, w_gate_up, w_down)
+    # and the FP8 experts approximate the unquantized ones
+    exact = reference.grouped_swiglu(x.float(), _counts(counts, device), w_gate_up, w_down)
     assert rel_err(out, exact) < 0.1
 
 
@@ -168,22 +135,23 @@ def test_moe_experts_fp8(triton_backend, device, rel_err) -> None:
 
 
 @pytest.mark.gpu
-def test_moe_experts_gpu_deepseek_layer(rel_err) -> None:
+def test_grouped_swiglu_gpu_deepseek_layer(rel_err) -> None:
     """64 experts, top-6, hidden 2048, width 1408, 4096 tokens (as in benchmarks/bench_kernels.py)."""
     num_tokens, top_k, num_experts, hidden, width = 4096, 6, 64, 2048, 1408
-    ids, weights = _routing(num_tokens, top_k, num_experts, "cuda")
-    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices
+    counts = torch.bincount(ids.flatten(), minlength=num_experts)
+    x = torch.randn(num_tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
     w_gate_up, w_down = _experts(num_experts, hidden, width, "cuda", torch.bfloat16)
     with ops.force_backend("triton"):
-        out = ops.moe_experts(x, ids, weights, w_gate_up, w_down)
-        again = ops.moe_experts(x, ids, weights, w_gate_up, w_down)
-    expected = reference.moe_experts(x.float(), ids, weights, w_gate_up.float(), w_down.float())
+        out = ops.grouped_swiglu(x, counts, w_gate_up, w_down)
+        again = ops.grouped_swiglu(x, counts, w_gate_up, w_down)
+    expected = reference.grouped_swiglu(x.float(), counts.cpu(), w_gate_up.float(), w_down.float())
     assert torch.equal(out, again)  # no atomics: deterministic
     assert rel_err(out, expected) < 1e-2
     (wgu_q, wgu_s), (wd_q, wd_s) = ops.weight_quant(w_gate_up), ops.weight_quant(w_down)
     with ops.force_backend("triton"):
-        out8 = ops.moe_experts_fp8(x, ids, weights, wgu_q, wgu_s, wd_q, wd_s)
-    expected8 = reference.moe_experts_fp8(x, ids, weights, wgu_q, wgu_s, wd_q, wd_s)
+        out8 = ops.grouped_swiglu_fp8(x, counts, wgu_q, wgu_s, wd_q, wd_s)
+    expected8 = reference.grouped_swiglu_fp8(x, counts, wgu_q, wgu_s, wd_q, wd_s)
     assert rel_err(out8, expected8) < 1e-2
     print(f"moe fp8 vs bf16 reference: {rel_err(out8, expected):.2e}")
     assert rel_err(out8, expected) < 0.1

@@ -77,11 +77,11 @@ BAD_CALLS = {
     ),
     "grouped_gemm: w dtype": (
         lambda: ops.grouped_gemm(torch.ones(3, 16), torch.ones(2, 8, 16).bfloat16(), _offsets(1, 2)),
-        "w_EOK must be float32",
+        "w_EOI must be float32",
     ),
     "grouped_gemm: w K": (
         lambda: ops.grouped_gemm(torch.ones(3, 16), torch.ones(2, 8, 32), _offsets(1, 2)),
-        r"w_EOK must be \[E, O, K=16\]",
+        r"w_EOI must be \[E, O, I=16\]",
     ),
     "grouped_gemm_fp8: w_s shape": (
         lambda: ops.grouped_gemm_fp8(
@@ -89,25 +89,46 @@ BAD_CALLS = {
         ),
         r"w_s must have shape \(2, 1, 2\)",
     ),
-    "moe_combine: rows": (
-        lambda: ops.moe_combine(torch.ones(5, 8), torch.arange(6), 3, 2),
-        "num_tokens \\* top_k = 6",
-    ),
-    "moe_combine: order dtype": (
-        lambda: ops.moe_combine(torch.ones(6, 8), torch.arange(6, dtype=torch.int32), 3, 2),
-        "order_N must be int64",
-    ),
-    "moe_experts: ids float": (
-        lambda: ops.moe_experts(
-            torch.ones(3, 16), torch.ones(3, 2), torch.ones(3, 2), torch.ones(4, 8, 16), torch.ones(4, 16, 4)
+    "grouped_swiglu: counts total": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 16), torch.tensor([1, 1]), torch.ones(2, 8, 16), torch.ones(2, 16, 4)
         ),
-        "integer",
+        r"counts_E sums to 2 but x has 3 rows",
     ),
-    "moe_experts_fp8: scale shape": (
-        lambda: ops.moe_experts_fp8(
+    "grouped_swiglu: counts negative": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 16), torch.tensor([4, -1]), torch.ones(2, 8, 16), torch.ones(2, 16, 4)
+        ),
+        r"non-negative",
+    ),
+    "grouped_swiglu: counts float": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 16), torch.ones(2), torch.ones(2, 8, 16), torch.ones(2, 16, 4)
+        ),
+        r"counts_E must be an integer tensor",
+    ),
+    "grouped_swiglu: counts length": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 16), torch.tensor([3]), torch.ones(2, 8, 16), torch.ones(2, 16, 4)
+        ),
+        r"one entry per expert \(2\)",
+    ),
+    "grouped_swiglu: w_down shape": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 16), torch.tensor([1, 2]), torch.ones(2, 8, 16), torch.ones(2, 16, 5)
+        ),
+        r"w_down_EDF must be \[E, D, F\]",
+    ),
+    "grouped_swiglu: hidden": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 12), torch.tensor([1, 2]), torch.ones(2, 8, 16), torch.ones(2, 16, 4)
+        ),
+        r"w_gate_up_E2FD must be \[E, 2F, D=12\]",
+    ),
+    "grouped_swiglu_fp8: scale shape": (
+        lambda: ops.grouped_swiglu_fp8(
             torch.ones(3, 256),
-            torch.zeros(3, 2, dtype=torch.int64),
-            torch.ones(3, 2),
+            torch.tensor([3, 0, 0, 0]),
             _fp8(4, 128, 256),
             torch.ones(4, 1, 1),
             _fp8(4, 256, 64),
@@ -190,7 +211,7 @@ def test_existing_ops_keep_working() -> None:
 
 
 def test_importing_ops_and_model_does_not_import_triton() -> None:
-    code = "import sys, dsv3.kernels.ops, dsv3.kernels.fp8_linear, dsv3.model; print('triton' in sys.modules)"
+    code = "import sys, dsv3.kernels.ops, dsv3.model.fp8_linear, dsv3.model; print('triton' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )

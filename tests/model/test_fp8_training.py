@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
-from dsv3.kernels.fp8_linear import FP8Linear, convert_to_fp8
 from dsv3.model import DeepSeekV3
+from dsv3.model.fp8_linear import FP8Linear, convert_to_fp8
 from dsv3.model.loss import language_model_loss
 
 

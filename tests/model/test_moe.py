@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from dsv3.kernels import ops
+from dsv3.kernels import ops, reference
 from dsv3.model import ModelConfig
-from dsv3.model.moe import Gate, MoE
+from dsv3.model.dispatch import LocalDispatcher
+from dsv3.model.moe import Gate, GroupedExperts, MoE
 
 
 def _gate(**change) -> Gate:
     config = ModelConfig.from_hf_config(ModelConfig.flavour("debug").to_hf_config() | change)
-    gate = Gate(config)
+    gate = Gate.from_config(config)
     torch.nn.init.normal_(gate.weight, std=0.5)
     return gate
 
@@ -67,74 +68,62 @@ def test_group_limit_can_exclude_the_best_single_expert() -> None:
     assert set(routing.ids_TK[0].tolist()) == {8, 9, 12, 13}
 
 
-def _naive_moe(x, ids, weights, w_gate_up, w_down):
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for k in range(ids.shape[1]):
-            e = ids[t, k]
-            gate, up = (w_gate_up[e] @ x[t]).chunk(2)
-            out[t] += weights[t, k] * (w_down[e] @ (torch.nn.functional.silu(gate) * up))
-    return out
+def test_gate_refuses_sizes_that_do_not_fit() -> None:
+    with pytest.raises(ValueError, match="groups must divide"):
+        Gate(16, 10, 2, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="top_k"):
+        Gate(16, 8, 9)
 
 
-@pytest.mark.parametrize("skew", [0.0, 5.0])
-def test_moe_experts_matches_per_token_loop(skew: float) -> None:
-    tokens, hidden, experts, width, top_k = 40, 12, 8, 6, 3
-    x = torch.randn(tokens, hidden, dtype=torch.float64)
-    logits = torch.randn(tokens, experts) + skew * torch.arange(experts)  # skew leaves experts empty
-    ids = logits.topk(top_k, dim=-1).indices
-    weights = torch.rand(tokens, top_k, dtype=torch.float64)
-    w_gate_up = torch.randn(experts, 2 * width, hidden, dtype=torch.float64)
-    w_down = torch.randn(experts, hidden, width, dtype=torch.float64)
-    if skew:
-        assert torch.bincount(ids.flatten(), minlength=experts).eq(0).any()
-    got = ops.moe_experts(x, ids, weights, w_gate_up, w_down)
-    assert torch.allclose(got, _naive_moe(x, ids, weights, w_gate_up, w_down))
-
-
-def test_moe_experts_rejects_bad_shapes() -> None:
-    x, ids, w = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2)
-    gu, down = torch.randn(3, 10, 8), torch.randn(3, 8, 5)
-    with pytest.raises(ops.KernelInputError, match="w_down"):
-        ops.moe_experts(x, ids, w, gu, torch.randn(3, 8, 4))
-    with pytest.raises(ops.KernelInputError, match="topk_ids"):
-        ops.moe_experts(x, ids[:3], w, gu, down)
-    with pytest.raises(ops.KernelInputError, match="integer"):
-        ops.moe_experts(x, ids.float(), w, gu, down)
-    assert ops.moe_experts(x, ids, w, gu, down).shape == (4, 8)
-
-
-def test_moe_layer_adds_shared_experts() -> None:
+def test_moe_layer_is_gate_dispatch_experts_combine_plus_shared() -> None:
     config = ModelConfig.flavour("debug")
-    layer = MoE(config)
+    layer = MoE.from_config(config)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 5, config.hidden_size)
     y, routing = layer(x)
     x_TD = x.view(-1, config.hidden_size)
-    routed = ops.moe_experts(
-        x_TD, routing.ids_TK, routing.weights_TK, layer.experts.gate_up_proj, layer.experts.down_proj
-    )
-    assert torch.allclose(y.view(-1, config.hidden_size), routed + layer.shared_experts(x_TD), atol=1e-6)
+    # by hand, token by token
+    expected = layer.shared_experts(x_TD).clone()
+    w_gu, w_d = layer.experts.gate_up_proj, layer.experts.down_proj
+    for t in range(x_TD.shape[0]):
+        for e, w in zip(routing.ids_TK[t].tolist(), routing.weights_TK[t], strict=True):
+            gate, up = (w_gu[e] @ x_TD[t]).chunk(2)
+            expected[t] += w * (w_d[e] @ (torch.nn.functional.silu(gate) * up))
+    assert torch.allclose(y.view(-1, config.hidden_size), expected, atol=1e-5)
+    assert isinstance(layer.dispatcher, LocalDispatcher) and layer.dispatcher.num_experts == 16
+
+
+def test_grouped_experts_built_from_sizes_hold_any_slice() -> None:
+    experts = GroupedExperts(3, 8, 5, first_expert=7)
+    assert experts.gate_up_proj.shape == (3, 10, 8) and experts.down_proj.shape == (3, 8, 5)
+    assert "experts=7..9" in repr(experts)
+    with pytest.raises(ValueError, match="width"):
+        GroupedExperts(3, 8, 0)
 
 
 def test_grouped_and_looped_expert_paths_agree_with_gradients() -> None:
-    from dsv3.kernels import reference
-
-    tokens, hidden, experts, width, top_k = 64, 16, 8, 12, 2
-    ids = (torch.randn(tokens, experts) + 4 * (torch.arange(experts) < 5)).topk(top_k, -1).indices
-    assert torch.bincount(ids.flatten(), minlength=experts).eq(0).any()  # empty experts included
-    x_ND = torch.randn(tokens * top_k, hidden, requires_grad=True)
-    counts = torch.bincount(ids.flatten().sort().values, minlength=experts)
+    rows, hidden, experts, width = 128, 16, 8, 12
+    counts = torch.tensor([30, 0, 0, 40, 1, 57, 0, 0])  # empty experts included
+    x_ND = torch.randn(rows, hidden, requires_grad=True)
     w_gu = torch.randn(experts, 2 * width, hidden, requires_grad=True)
     w_d = torch.randn(experts, hidden, width, requires_grad=True)
-    weights_N = torch.rand(tokens * top_k, requires_grad=True)
-    probe = torch.randn(tokens * top_k, hidden)
+    probe = torch.randn(rows, hidden)
+    assert reference._can_group(x_ND, width)  # the grouped path really runs below
     results = []
-    for path in (reference._experts_grouped, reference._experts_looped):
-        counts_arg = counts if path is reference._experts_grouped else counts.tolist()
-        out = path(x_ND, weights_N, counts_arg, w_gu, w_d)
-        grads = torch.autograd.grad((out * probe).sum(), (x_ND, weights_N, w_gu, w_d))
+    for path in (reference.grouped_swiglu, lambda x, c, a, b: reference._swiglu_looped(x, c.tolist(), a, b)):
+        out = path(x_ND, counts, w_gu, w_d)
+        grads = torch.autograd.grad((out * probe).sum(), (x_ND, w_gu, w_d))
         results.append((out, *grads))
     for a, b in zip(*results, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_no_rows_still_gives_zero_weight_gradients() -> None:
+    """An expert-parallel rank that receives no row must still produce (zero) gradients, not None."""
+    w_gu = torch.randn(4, 2 * 8, 16, requires_grad=True)
+    w_d = torch.randn(4, 16, 8, requires_grad=True)
+    out = ops.grouped_swiglu(torch.randn(0, 16), torch.zeros(4, dtype=torch.long), w_gu, w_d)
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert w_gu.grad is not None and not w_gu.grad.any() and w_d.grad is not None and not w_d.grad.any()

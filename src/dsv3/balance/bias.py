@@ -6,12 +6,22 @@
 - The complementary sequence-wise balance loss (weight alpha, tiny in the report) discourages extreme
   imbalance inside a single sequence.
 
-Legend: L MoE layers, E routed experts, B sequences, T tokens per sequence, K experts per token.
+The forward pass only reports what each gate did (`ModelOutput.expert_loads`, `.routings`); the update
+and the loss are computed here, outside it, so a trainer can sum loads over micro-batches and ranks
+(`all_reduce_loads`) before one update. Shapes follow the legend in README.md (L MoE layers, E routed
+experts, B sequences, T tokens per sequence, K experts per token).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from dsv3.model.dispatch import Routing
 
 
 def bias_update(load_LE: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -47,3 +57,23 @@ def sequence_balance_loss(scores_BTE: torch.Tensor, ids_BTK: torch.Tensor, alpha
     f_BE = chosen_BTE.sum(1) * (experts / (top_k * tokens))
     p_BE = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
     return alpha * (f_BE.detach() * p_BE).sum(-1).mean()
+
+
+def sequence_balance_loss_of(routings: Sequence[Routing], batch: int, alpha: float) -> torch.Tensor:
+    """The sequence-wise balance loss summed over gates, from a forward's `routings` of `batch` sequences."""
+    if not routings:
+        raise ValueError("sequence_balance_loss_of: no routings (the model has no MoE layer that ran)")
+    total = torch.zeros((), device=routings[0].scores_TE.device)
+    for r in routings:
+        total = total + sequence_balance_loss(
+            r.scores_TE.view(batch, -1, r.scores_TE.shape[-1]),
+            r.ids_TK.view(batch, -1, r.ids_TK.shape[-1]),
+            alpha,
+        )
+    return total
+
+
+def all_reduce_loads(load_LE: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Loads summed over the ranks of `group` (in place), so every rank makes the same bias update."""
+    dist.all_reduce(load_LE, op=dist.ReduceOp.SUM, group=group)
+    return load_LE

@@ -1,15 +1,12 @@
-"""Triton MoE expert computation: permutation by expert, grouped GEMMs (bf16 and block-scaled FP8), combine.
+"""Triton grouped expert computation: grouped GEMMs (bf16/fp16/fp32 and block-scaled FP8) and the SwiGLU FFN.
 
-Shape legend: T tokens, D hidden, K experts per token, E experts, F expert width, N = T*K routed rows,
-O weight rows (2F for gate|up, D for down).
+Rows arrive grouped by expert (the dispatcher in `dsv3.model.dispatch` permutes and un-permutes; these
+kernels only compute). Shapes follow the legend in README.md: N rows, E experts, D hidden, F expert
+width; a generic grouped GEMM's weight is [E, O, I] (output, input features).
 
-Pipeline (`moe_experts`, `moe_experts_fp8`; semantics: `dsv3.kernels.reference`):
-1. `moe_permute`: one stable sort of the N (token, slot) rows by expert -> `order_N` and `offsets_E` (int32,
-   cumulative row counts), all on the device, no host synchronisation.
-2. Rows gathered in expert order (`gather_rows`; for FP8 fused with the 1x128 quantization).
-3. One grouped-GEMM launch over every expert for gate|up, with SwiGLU and the routing weight fused in the
-   epilogue (the weight scales the F-wide hidden rows, as the reference does), then one for down.
-4. `moe_combine`: each token sums its K rows (fp32, fixed order: deterministic, no atomics).
+`grouped_swiglu`: one grouped-GEMM launch over every expert for gate|up with SwiGLU fused in the
+epilogue, then one for down. `grouped_swiglu_fp8`: the same on float8_e4m3fn experts (128x128 block
+scales), the rows quantized per 1x128 tile before each GEMM.
 
 Grouped GEMM schedule: expert e owns ceil(rows_e / BLOCK_M) row tiles; the grid has the upper bound
 ceil(N / BLOCK_M) + E row tiles (each expert wastes at most one partial tile) times the column tiles; a
@@ -29,100 +26,6 @@ from dsv3.kernels import fp8
 from dsv3.kernels.fp8 import interpreting, kernel_cast
 
 
-def moe_permute(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable sort of the flattened (token, slot) rows by expert -> (order_N int64, offsets_E int32)."""
-    sorted_N, order_N = torch.sort(topk_ids_TK.reshape(-1), stable=True)
-    experts = torch.arange(num_experts, device=topk_ids_TK.device, dtype=sorted_N.dtype)
-    return order_N, torch.searchsorted(sorted_N, experts, right=True, out_int32=True)
-
-
-@triton.jit
-def _gather_rows_kernel(x_ptr, rows_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_m = offs_m < M
-    mask = mask_m[:, None] & (offs_d[None, :] < D)
-    src = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    x = tl.load(x_ptr + src[:, None] * D + offs_d[None, :], mask=mask)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], x, mask=mask)
-
-
-def gather_rows(x_TD: torch.Tensor, rows_N: torch.Tensor) -> torch.Tensor:
-    """x[rows] for a contiguous 2-D x (the permutation of token rows into expert order)."""
-    m, d = rows_N.shape[0], x_TD.shape[1]
-    out = torch.empty(m, d, dtype=x_TD.dtype, device=x_TD.device)
-    if m and d:
-        grid = (triton.cdiv(m, 32), triton.cdiv(d, 128))
-        _gather_rows_kernel[grid](x_TD, rows_N, out, m, d, BLOCK_M=32, BLOCK_D=128)
-    return out
-
-
-@triton.jit
-def _combine_kernel(
-    rows_ND_ptr,
-    pos_ptr,
-    w_ptr,
-    out_ptr,
-    T,
-    D,
-    TOP_K,
-    WEIGHTED: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """out[t] = sum_k w[t, k] * rows[pos[t, k]], summed in fp32 in slot order."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_t = offs_t < T
-    mask = mask_t[:, None] & (offs_d[None, :] < D)
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for k in range(TOP_K):
-        pos = tl.load(pos_ptr + offs_t * TOP_K + k, mask=mask_t, other=0).to(tl.int64)
-        row = tl.load(rows_ND_ptr + pos[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-        if WEIGHTED:
-            row *= tl.load(w_ptr + offs_t * TOP_K + k, mask=mask_t, other=0.0).to(tl.float32)[:, None]
-        acc += row
-    tl.store(
-        out_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=mask,
-    )
-
-
-def moe_combine(
-    out_ND: torch.Tensor,
-    order_N: torch.Tensor,
-    num_tokens: int,
-    top_k: int,
-    weights_TK: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Un-permute and reduce: y[t] = sum_k w[t, k] * out[row of (t, k)] (w = 1 when None), in out's dtype."""
-    n, d = out_ND.shape
-    pos_N = torch.empty_like(order_N)
-    pos_N[order_N] = torch.arange(n, device=order_N.device, dtype=order_N.dtype)
-    y = torch.empty(
-        num_tokens, d, dtype=out_ND.dtype if kernel_cast() else torch.float32, device=out_ND.device
-    )
-    if num_tokens and d:
-        weights = weights_TK.contiguous() if weights_TK is not None else pos_N
-        grid = (triton.cdiv(num_tokens, 16), triton.cdiv(d, 128))
-        _combine_kernel[grid](
-            out_ND,
-            pos_N,
-            weights,
-            y,
-            num_tokens,
-            d,
-            top_k,
-            WEIGHTED=weights_TK is not None,
-            BLOCK_T=16,
-            BLOCK_D=128,
-        )
-    elif num_tokens:
-        y.zero_()
-    return y.to(out_ND.dtype)
-
-
 @triton.jit
 def _grouped_gemm_kernel(
     x_ptr,
@@ -130,7 +33,6 @@ def _grouped_gemm_kernel(
     out_ptr,
     xs_ptr,
     ws_ptr,
-    rw_ptr,
     offsets_ptr,
     tile_expert_ptr,
     tile_end_ptr,
@@ -146,7 +48,7 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One (row tile, column tile) of out = x @ w[e].T, or of silu(gate) * up * rw with SWIGLU.
+    """One (row tile, column tile) of out = x @ w[e].T, or of silu(gate) * up with SWIGLU.
 
     With SWIGLU, w[e] is [2F, K] (gate rows then up rows) and column n of the output uses rows n and F + n.
     With FP8, x has 1x128 scales xs [N, K/128] and w 128x128 scales ws [E, W_ROWS/128, K/128]; BLOCK_K = 128.
@@ -205,8 +107,7 @@ def _grouped_gemm_kernel(
         wu_ptrs += BLOCK_K
     acc = acc_g
     if SWIGLU:
-        row_weight = tl.load(rw_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        acc = acc_g * tl.sigmoid(acc_g) * acc_u * row_weight[:, None]
+        acc = acc_g * tl.sigmoid(acc_g) * acc_u
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * OUT_COLS + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -231,12 +132,12 @@ def _launch(
     *,
     x_s: torch.Tensor | None = None,
     w_s: torch.Tensor | None = None,
-    swiglu_weights_N: torch.Tensor | None = None,
+    swiglu: bool = False,
     block_m: int | None = None,
 ) -> torch.Tensor:
     num_rows, k = x.shape
     w_rows = w.shape[1]
-    out_cols = w_rows // 2 if swiglu_weights_N is not None else w_rows
+    out_cols = w_rows // 2 if swiglu else w_rows
     out = torch.empty(
         num_rows, out_cols, dtype=out_dtype if kernel_cast() else torch.float32, device=x.device
     )
@@ -248,7 +149,7 @@ def _launch(
     if block_m is None:  # heuristic (untuned): taller row tiles once experts average that many rows
         rows_per_expert = num_rows / max(offsets_E.shape[0], 1)
         block_m = 128 if rows_per_expert >= 128 else 64 if rows_per_expert >= 64 else 32
-    block_n = 64 if swiglu_weights_N is not None else 128
+    block_n = 64 if swiglu else 128
     block_k = 128 if is_fp8 else 64
     tile_expert, tile_end, grid_m = _tile_map(offsets_E, num_rows, block_m)
     dummy = offsets_E
@@ -258,7 +159,6 @@ def _launch(
         out,
         x_s if is_fp8 else dummy,
         w_s if is_fp8 else dummy,
-        swiglu_weights_N if swiglu_weights_N is not None else dummy,
         offsets_E,
         tile_expert,
         tile_end,
@@ -267,7 +167,7 @@ def _launch(
         w_rows,
         out_cols,
         FP8=is_fp8,
-        SWIGLU=swiglu_weights_N is not None,
+        SWIGLU=swiglu,
         IEEE=x.dtype == torch.float32,
         WIDEN=interpreting() and x.dtype in (torch.bfloat16, torch.float16),
         BLOCK_M=block_m,
@@ -281,78 +181,53 @@ def _launch(
 
 def grouped_gemm(
     x_ND: torch.Tensor,
-    w_EOK: torch.Tensor,
+    w_EOI: torch.Tensor,
     offsets_E: torch.Tensor,
     *,
-    swiglu_weights_N: torch.Tensor | None = None,
+    swiglu: bool = False,
     block_m: int | None = None,
 ) -> torch.Tensor:
     """Rows sorted by expert (offsets_E: int32 cumulative counts): out[r] = x[r] @ w[e(r)].T in x's dtype.
 
-    With `swiglu_weights_N` the output is silu(gate) * up * weight per row ([N, O/2]). `block_m` overrides
-    the row-tile heuristic (16, 32, 64 or 128).
+    With `swiglu` the output is silu(gate) * up per row ([N, O/2]). `block_m` overrides the row-tile
+    heuristic (16, 32, 64 or 128).
     """
-    return _launch(x_ND, w_EOK, offsets_E, x_ND.dtype, swiglu_weights_N=swiglu_weights_N, block_m=block_m)
+    return _launch(x_ND, w_EOI, offsets_E, x_ND.dtype, swiglu=swiglu, block_m=block_m)
 
 
 def grouped_gemm_fp8(
     x_ND: torch.Tensor,
     x_s: torch.Tensor,
-    w_EOK: torch.Tensor,
+    w_EOI: torch.Tensor,
     w_s: torch.Tensor,
     offsets_E: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     *,
-    swiglu_weights_N: torch.Tensor | None = None,
+    swiglu: bool = False,
     block_m: int | None = None,
 ) -> torch.Tensor:
-    """`grouped_gemm` on FP8 rows (x_s [N, K/128]) and FP8 experts (w_s [E, ceil(O/128), ceil(K/128)])."""
-    return _launch(
-        x_ND,
-        w_EOK,
-        offsets_E,
-        out_dtype,
-        x_s=x_s,
-        w_s=w_s,
-        swiglu_weights_N=swiglu_weights_N,
-        block_m=block_m,
-    )
+    """`grouped_gemm` on FP8 rows (x_s [N, I/128]) and FP8 experts (w_s [E, ceil(O/128), ceil(I/128)])."""
+    return _launch(x_ND, w_EOI, offsets_E, out_dtype, x_s=x_s, w_s=w_s, swiglu=swiglu, block_m=block_m)
 
 
-def moe_experts(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
-    w_down_EDF: torch.Tensor,
+def grouped_swiglu(
+    x_ND: torch.Tensor, offsets_E: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
 ) -> torch.Tensor:
-    """Routed SwiGLU experts in four launches (gather, gate|up+SwiGLU, down, combine) plus one sort."""
-    num_tokens, top_k = topk_ids_TK.shape
-    order_N, offsets_E = moe_permute(topk_ids_TK, w_gate_up_EHD.shape[0])
-    x_ND = gather_rows(x_TD, order_N // top_k)
-    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).float()
-    h_NF = grouped_gemm(x_ND, w_gate_up_EHD, offsets_E, swiglu_weights_N=weights_N)
-    out_ND = grouped_gemm(h_NF, w_down_EDF, offsets_E)
-    return moe_combine(out_ND, order_N, num_tokens, top_k)
+    """The routed experts' SwiGLU FFN on grouped rows in two launches (gate|up with SwiGLU, down)."""
+    h_NF = grouped_gemm(x_ND, w_gate_up_E2FD, offsets_E, swiglu=True)
+    return grouped_gemm(h_NF, w_down_EDF, offsets_E)
 
 
-def moe_experts_fp8(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
+def grouped_swiglu_fp8(
+    x_ND: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
     s_gate_up: torch.Tensor,
     w_down_EDF: torch.Tensor,
     s_down: torch.Tensor,
 ) -> torch.Tensor:
-    """FP8 experts: gather+quantize, FP8 gate|up+SwiGLU, quantize, FP8 down, combine."""
-    num_tokens, top_k = topk_ids_TK.shape
-    order_N, offsets_E = moe_permute(topk_ids_TK, w_gate_up_EHD.shape[0])
-    x_q, x_s = fp8.act_quant(x_TD, rows=order_N // top_k)
-    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).float()
-    h_NF = grouped_gemm_fp8(
-        x_q, x_s, w_gate_up_EHD, s_gate_up, offsets_E, x_TD.dtype, swiglu_weights_N=weights_N
-    )
+    """FP8 experts: quantize rows, FP8 gate|up + SwiGLU, quantize, FP8 down; output in x's dtype."""
+    x_q, x_s = fp8.act_quant(x_ND)
+    h_NF = grouped_gemm_fp8(x_q, x_s, w_gate_up_E2FD, s_gate_up, offsets_E, x_ND.dtype, swiglu=True)
     h_q, h_s = fp8.act_quant(h_NF)
-    out_ND = grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, x_TD.dtype)
-    return moe_combine(out_ND, order_N, num_tokens, top_k)
+    return grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, x_ND.dtype)

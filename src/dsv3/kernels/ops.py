@@ -11,7 +11,8 @@ kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before Triton
 The Triton MoE path has no backward: when autograd needs gradients the reference runs instead.
 
 Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm;
-MoE: moe_permute, grouped_gemm, grouped_gemm_fp8, moe_combine, moe_experts, moe_experts_fp8.
+grouped experts (rows already grouped by expert: `dsv3.model.dispatch` permutes): grouped_gemm,
+grouped_gemm_fp8, grouped_swiglu, grouped_swiglu_fp8.
 """
 
 from __future__ import annotations
@@ -179,51 +180,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return reference.rms_norm(x, weight, eps)
 
 
-def moe_experts(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
-    w_down_EDF: torch.Tensor,
-) -> torch.Tensor:
-    """Weighted sum of each token's routed SwiGLU experts; see `reference.moe_experts`."""
-    _check(x_TD.dim() == 2, f"moe_experts: x must be [T, D], got {tuple(x_TD.shape)}")
-    _check(
-        topk_ids_TK.dim() == 2 and topk_ids_TK.shape[0] == x_TD.shape[0],
-        f"moe_experts: topk_ids must be [T={x_TD.shape[0]}, K], got {tuple(topk_ids_TK.shape)}",
-    )
-    _check(
-        topk_weights_TK.shape == topk_ids_TK.shape,
-        f"moe_experts: topk_weights {tuple(topk_weights_TK.shape)} != topk_ids {tuple(topk_ids_TK.shape)}",
-    )
-    _check(not topk_ids_TK.is_floating_point(), "moe_experts: topk_ids must be an integer tensor")
-    _check(
-        w_gate_up_EHD.dim() == 3
-        and w_gate_up_EHD.shape[2] == x_TD.shape[1]
-        and w_gate_up_EHD.shape[1] % 2 == 0,
-        f"moe_experts: w_gate_up must be [E, 2F, D={x_TD.shape[1]}], got {tuple(w_gate_up_EHD.shape)}",
-    )
-    num_experts, width2, hidden = w_gate_up_EHD.shape
-    _check(
-        tuple(w_down_EDF.shape) == (num_experts, hidden, width2 // 2),
-        f"moe_experts: w_down must be [E, D, F]=({num_experts}, {hidden}, {width2 // 2}), "
-        f"got {tuple(w_down_EDF.shape)}",
-    )
-    tensors = (x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EHD, w_down_EDF)
-    same_dtype = x_TD.dtype == w_gate_up_EHD.dtype == w_down_EDF.dtype and x_TD.dtype in _FLOAT_DTYPES
-    if same_dtype and not _needs_grad(*tensors) and _use_triton("moe_experts", *tensors):
-        from dsv3.kernels import moe
-
-        return moe.moe_experts(
-            x_TD.contiguous(),
-            topk_ids_TK.contiguous(),
-            topk_weights_TK.contiguous(),
-            w_gate_up_EHD.contiguous(),
-            w_down_EDF.contiguous(),
-        )
-    return reference.moe_experts(x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EHD, w_down_EDF)
-
-
 # ---------------------------------------------------------------------------------------------------
 # FP8 fine-grained quantization (semantics: reference.act_quant & co.)
 # ---------------------------------------------------------------------------------------------------
@@ -345,39 +301,28 @@ def fp8_gemm(
 # ---------------------------------------------------------------------------------------------------
 
 
-def moe_permute(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert order of the N = T*K (token, slot) rows: (order_N int64, offsets_E int32 cumulative counts).
-
-    Row r of the flattened routing is token r // K, slot r % K; a stable sort keeps token order per expert.
-    """
-    _check_tensor("moe_permute", "topk_ids_TK", topk_ids_TK, dim=2, contiguous=False)
-    _check(not topk_ids_TK.is_floating_point(), "moe_permute: topk_ids_TK must be an integer tensor")
-    order_N, counts_E = reference.permute_by_expert(topk_ids_TK, num_experts)
-    return order_N, torch.cumsum(counts_E, 0).to(torch.int32)
-
-
-def grouped_gemm(x_ND: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def grouped_gemm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[r] = x[r] @ w[e].T for the rows offsets[e-1] <= r < offsets[e] of expert e (one launch)."""
     op = "grouped_gemm"
     _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2)
-    _check_tensor(op, "w_EOK", w_EOK, dtypes=(x_ND.dtype,), dim=3)
+    _check_tensor(op, "w_EOI", w_EOI, dtypes=(x_ND.dtype,), dim=3)
     _check(
-        w_EOK.shape[2] == x_ND.shape[1],
-        f"{op}: w_EOK must be [E, O, K={x_ND.shape[1]}], got {tuple(w_EOK.shape)}",
+        w_EOI.shape[2] == x_ND.shape[1],
+        f"{op}: w_EOI must be [E, O, I={x_ND.shape[1]}], got {tuple(w_EOI.shape)}",
     )
-    _check_offsets(op, offsets_E, w_EOK.shape[0], x_ND.shape[0])
-    _check_same_device(op, x_ND=x_ND, w_EOK=w_EOK, offsets_E=offsets_E)
-    if _use_triton(op, x_ND, w_EOK):
+    _check_offsets(op, offsets_E, w_EOI.shape[0], x_ND.shape[0])
+    _check_same_device(op, x_ND=x_ND, w_EOI=w_EOI, offsets_E=offsets_E)
+    if _use_triton(op, x_ND, w_EOI):
         from dsv3.kernels import moe
 
-        return moe.grouped_gemm(x_ND, w_EOK, offsets_E)
-    return reference.grouped_gemm(x_ND, w_EOK, offsets_E)
+        return moe.grouped_gemm(x_ND, w_EOI, offsets_E)
+    return reference.grouped_gemm(x_ND, w_EOI, offsets_E)
 
 
 def grouped_gemm_fp8(
     x_ND: torch.Tensor,
     x_s: torch.Tensor,
-    w_EOK: torch.Tensor,
+    w_EOI: torch.Tensor,
     w_s: torch.Tensor,
     offsets_E: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
@@ -386,87 +331,101 @@ def grouped_gemm_fp8(
     ceil(K/128)]), scales applied per 128-wide K step, FP32 accumulation."""
     op = "grouped_gemm_fp8"
     _check_tensor(op, "x_ND", x_ND, dtypes=(_FP8,), dim=2)
-    _check_tensor(op, "w_EOK", w_EOK, dtypes=(_FP8,), dim=3)
-    (n, k), (e, o) = x_ND.shape, w_EOK.shape[:2]
-    _check(w_EOK.shape[2] == k, f"{op}: w_EOK must be [E, O, K={k}], got {tuple(w_EOK.shape)}")
+    _check_tensor(op, "w_EOI", w_EOI, dtypes=(_FP8,), dim=3)
+    (n, k), (e, o) = x_ND.shape, w_EOI.shape[:2]
+    _check(w_EOI.shape[2] == k, f"{op}: w_EOI must be [E, O, I={k}], got {tuple(w_EOI.shape)}")
     _check_scale(op, "x_s", x_s, (n, _cdiv(k, 128)))
     _check_scale(op, "w_s", w_s, (e, _cdiv(o, 128), _cdiv(k, 128)))
     _check(out_dtype in _FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
     _check_offsets(op, offsets_E, e, n)
-    _check_same_device(op, x_ND=x_ND, x_s=x_s, w_EOK=w_EOK, w_s=w_s, offsets_E=offsets_E)
-    if _use_triton(op, x_ND, w_EOK):
+    _check_same_device(op, x_ND=x_ND, x_s=x_s, w_EOI=w_EOI, w_s=w_s, offsets_E=offsets_E)
+    if _use_triton(op, x_ND, w_EOI):
         from dsv3.kernels import moe
 
-        return moe.grouped_gemm_fp8(x_ND, x_s, w_EOK, w_s, offsets_E, out_dtype)
-    return reference.grouped_gemm_fp8(x_ND, x_s, w_EOK, w_s, offsets_E, out_dtype)
+        return moe.grouped_gemm_fp8(x_ND, x_s, w_EOI, w_s, offsets_E, out_dtype)
+    return reference.grouped_gemm_fp8(x_ND, x_s, w_EOI, w_s, offsets_E, out_dtype)
 
 
-def moe_combine(
-    out_ND: torch.Tensor,
-    order_N: torch.Tensor,
-    num_tokens: int,
-    top_k: int,
-    weights_TK: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Un-permute expert-ordered rows and sum each token's K rows (times weights_TK when given), in fp32."""
-    op = "moe_combine"
-    _check_tensor(op, "out_ND", out_ND, dtypes=_FLOAT_DTYPES, dim=2)
-    _check_tensor(op, "order_N", order_N, dtypes=(torch.int64,), dim=1)
+def _check_experts(
+    op: str, x_ND: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
+) -> None:
+    num_experts, width2, hidden = w_gate_up_E2FD.shape
     _check(
-        order_N.shape[0] == out_ND.shape[0] == num_tokens * top_k,
-        f"{op}: out_ND and order_N must have num_tokens * top_k = {num_tokens * top_k} rows, "
-        f"got {out_ND.shape[0]} and {order_N.shape[0]}",
+        hidden == x_ND.shape[1] and width2 % 2 == 0,
+        f"{op}: w_gate_up_E2FD must be [E, 2F, D={x_ND.shape[1]}], got {tuple(w_gate_up_E2FD.shape)}",
     )
-    if weights_TK is not None:
-        _check_tensor(op, "weights_TK", weights_TK, dtypes=_FLOAT_DTYPES, dim=2)
-        _check(
-            tuple(weights_TK.shape) == (num_tokens, top_k),
-            f"{op}: weights_TK must be {(num_tokens, top_k)}, got {tuple(weights_TK.shape)}",
-        )
-    if _use_triton(op, out_ND, order_N):
+    _check(
+        tuple(w_down_EDF.shape) == (num_experts, hidden, width2 // 2),
+        f"{op}: w_down_EDF must be [E, D, F] = {(num_experts, hidden, width2 // 2)}, "
+        f"got {tuple(w_down_EDF.shape)}",
+    )
+
+
+def _check_counts(op: str, counts_E: torch.Tensor, num_experts: int, num_rows: int) -> None:
+    """Shape and dtype always; values (non-negative, summing to the rows) only on the CPU (no sync)."""
+    _check_tensor(op, "counts_E", counts_E, dim=1, contiguous=False)
+    _check(not counts_E.is_floating_point(), f"{op}: counts_E must be an integer tensor")
+    _check(
+        counts_E.shape[0] == num_experts,
+        f"{op}: counts_E must have one entry per expert ({num_experts}), got {counts_E.shape[0]}",
+    )
+    if counts_E.device.type == "cpu" and num_experts:
+        _check(bool((counts_E >= 0).all()), f"{op}: counts_E must be non-negative")
+        total = int(counts_E.sum())
+        _check(total == num_rows, f"{op}: counts_E sums to {total} but x has {num_rows} rows")
+
+
+def grouped_swiglu(
+    x_ND: torch.Tensor, counts_E: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
+) -> torch.Tensor:
+    """The routed experts' SwiGLU FFN on rows grouped by expert (counts_E[e] consecutive rows each):
+    out[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])); see `reference.grouped_swiglu`.
+
+    Triton (fused SwiGLU, no backward) on CUDA when no gradient is needed, else the torch reference.
+    """
+    op = "grouped_swiglu"
+    _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2, contiguous=False)
+    _check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
+    _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
+    _check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
+    _check_counts(op, counts_E, w_gate_up_E2FD.shape[0], x_ND.shape[0])
+    _check_same_device(op, x_ND=x_ND, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF)
+    tensors = (x_ND, w_gate_up_E2FD, w_down_EDF)
+    same_dtype = x_ND.dtype == w_gate_up_E2FD.dtype == w_down_EDF.dtype
+    if same_dtype and not _needs_grad(*tensors) and _use_triton(op, *tensors):
         from dsv3.kernels import moe
 
-        return moe.moe_combine(out_ND, order_N, num_tokens, top_k, weights_TK)
-    return reference.moe_combine(out_ND, order_N, num_tokens, top_k, weights_TK)
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        return moe.grouped_swiglu(
+            x_ND.contiguous(), offsets_E, w_gate_up_E2FD.contiguous(), w_down_EDF.contiguous()
+        )
+    return reference.grouped_swiglu(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF)
 
 
-def moe_experts_fp8(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
+def grouped_swiglu_fp8(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
     s_gate_up: torch.Tensor,
     w_down_EDF: torch.Tensor,
     s_down: torch.Tensor,
 ) -> torch.Tensor:
-    """`moe_experts` with float8_e4m3fn experts (128x128 block scales) and 1x128-quantized activations."""
-    op = "moe_experts_fp8"
-    _check_tensor(op, "x_TD", x_TD, dtypes=_FLOAT_DTYPES, dim=2)
-    _check_tensor(op, "topk_ids_TK", topk_ids_TK, dim=2)
-    _check(not topk_ids_TK.is_floating_point(), f"{op}: topk_ids_TK must be an integer tensor")
-    _check(topk_ids_TK.shape[0] == x_TD.shape[0], f"{op}: topk_ids_TK must have {x_TD.shape[0]} rows")
-    _check_tensor(op, "topk_weights_TK", topk_weights_TK, dtypes=_FLOAT_DTYPES)
-    _check(
-        topk_weights_TK.shape == topk_ids_TK.shape, f"{op}: topk_weights_TK must match topk_ids_TK's shape"
-    )
-    _check_tensor(op, "w_gate_up_EHD", w_gate_up_EHD, dtypes=(_FP8,), dim=3)
+    """`grouped_swiglu` with float8_e4m3fn experts (128x128 block scales) and 1x128-quantized rows."""
+    op = "grouped_swiglu_fp8"
+    _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2)
+    _check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=(_FP8,), dim=3)
     _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=(_FP8,), dim=3)
-    e, h, d = w_gate_up_EHD.shape
-    _check(
-        d == x_TD.shape[1] and h % 2 == 0,
-        f"{op}: w_gate_up_EHD must be [E, 2F, D={x_TD.shape[1]}], got {tuple(w_gate_up_EHD.shape)}",
-    )
-    _check(
-        tuple(w_down_EDF.shape) == (e, d, h // 2),
-        f"{op}: w_down_EDF must be {(e, d, h // 2)}, got {tuple(w_down_EDF.shape)}",
-    )
+    _check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
+    e, h, d = w_gate_up_E2FD.shape
     _check_scale(op, "s_gate_up", s_gate_up, (e, _cdiv(h, 128), _cdiv(d, 128)))
     _check_scale(op, "s_down", s_down, (e, _cdiv(d, 128), _cdiv(h // 2, 128)))
-    args = (x_TD, topk_ids_TK, topk_weights_TK, w_gate_up_EHD, s_gate_up, w_down_EDF, s_down)
-    names = ("x_TD", "topk_ids_TK", "topk_weights_TK", "w_gate_up_EHD", "s_gate_up", "w_down_EDF", "s_down")
+    _check_counts(op, counts_E, e, x_ND.shape[0])
+    args = (x_ND, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)
+    names = ("x_ND", "w_gate_up_E2FD", "s_gate_up", "w_down_EDF", "s_down")
     _check_same_device(op, **dict(zip(names, args, strict=True)))
-    if _use_triton(op, x_TD, w_gate_up_EHD, w_down_EDF):
+    if _use_triton(op, x_ND, w_gate_up_E2FD, w_down_EDF):
         from dsv3.kernels import moe
 
-        return moe.moe_experts_fp8(*args)
-    return reference.moe_experts_fp8(*args)
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        return moe.grouped_swiglu_fp8(x_ND, offsets_E, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)
+    return reference.grouped_swiglu_fp8(x_ND, counts_E, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)

@@ -2,7 +2,8 @@
 
 These run anywhere (CPU, CUDA, meta) and define the semantics the Triton kernels are tested against.
 
-Shape legend: T tokens, D hidden, K experts per token, E experts, F expert width, N = T*K routed rows.
+Shapes follow the legend in README.md (N rows grouped by expert, E experts, D hidden, F expert width;
+in the generic grouped GEMMs O and I are a weight's output and input features).
 """
 
 from __future__ import annotations
@@ -24,94 +25,66 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def permute_by_expert(topk_ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the N = T*K (token, slot) rows by expert.
-
-    Returns `order_N` (flat row index in expert order; row r is token r // K, slot r % K) and
-    `counts_E` (rows per expert). A stable sort keeps each expert's rows in token order.
-    """
-    flat_N = topk_ids_TK.reshape(-1)
-    order_N = torch.argsort(flat_N, stable=True)
-    counts_E = torch.bincount(flat_N, minlength=num_experts)
-    return order_N, counts_E
-
-
-def _experts_looped(
-    x_ND: torch.Tensor,
-    weights_N: torch.Tensor,
-    counts: list[int],
-    w_gate_up_EHD: torch.Tensor,
-    w_down_EDF: torch.Tensor,
+def _swiglu_looped(
+    x_ND: torch.Tensor, counts: list[int], w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
 ) -> torch.Tensor:
-    """One matmul pair per expert on contiguous slices; best when the load is very uneven."""
+    """One matmul pair per expert on contiguous slices (any dtype and alignment)."""
     outputs = []
     # unbind once: indexing w[e] per expert would make autograd zero-fill a full-size gradient per expert.
-    for rows, row_weights, w_gate_up, w_down in zip(
-        x_ND.split(counts),
-        weights_N.split(counts),
-        w_gate_up_EHD.unbind(0),
-        w_down_EDF.unbind(0),
-        strict=True,
+    for rows, w_gate_up, w_down in zip(
+        x_ND.split(counts), w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0), strict=True
     ):
-        if rows.shape[0] == 0:
-            continue
-        outputs.append((swiglu(rows @ w_gate_up.T) * row_weights[:, None]) @ w_down.T)
-    if not outputs:
-        return x_ND.new_zeros(0, w_down_EDF.shape[1])
-    return torch.cat(outputs)
+        if rows.shape[0]:
+            outputs.append(swiglu(rows @ w_gate_up.T) @ w_down.T)
+    if outputs:
+        return torch.cat(outputs)
+    # No rows at all (an expert-parallel rank nobody sent tokens to): still an output that autograd
+    # connects to the rows and the weights. The weights then get zero gradients rather than none, and the
+    # backward reaches the dispatcher's exchange, which every rank of the group must join.
+    connected = x_ND.sum() + w_gate_up_E2FD.sum() + w_down_EDF.sum()
+    return x_ND.new_zeros(0, w_down_EDF.shape[1]) + 0 * connected
 
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _can_group(x_ND: torch.Tensor, width: int) -> bool:
-    """torch's CPU grouped GEMM covers fp32/bf16/fp16 rows aligned to 16 bytes; the rest take the loop."""
+    """torch's CPU grouped GEMM covers fp32/bf16/fp16 rows aligned to 16 bytes (and, for its backward,
+    at least one row); the rest take the loop."""
     if not hasattr(torch, "_grouped_mm") or x_ND.device.type != "cpu" or x_ND.dtype not in _GROUPED_MM_DTYPES:
         return False
-    return all(size * x_ND.element_size() % 16 == 0 for size in (x_ND.shape[1], width))
+    return x_ND.shape[0] > 0 and all(size * x_ND.element_size() % 16 == 0 for size in (x_ND.shape[1], width))
 
 
-def _experts_grouped(
-    x_ND: torch.Tensor,
-    weights_N: torch.Tensor,
-    counts_E: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
-    w_down_EDF: torch.Tensor,
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: torch's grouped GEMM backward
+    refuses the stride-0 gradients that e.g. `out.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+def grouped_swiglu(
+    x_ND: torch.Tensor, counts_E: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
 ) -> torch.Tensor:
-    """Both expert GEMMs as single grouped GEMMs over the expert-sorted rows (empty experts cost nothing)."""
-    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    hidden_NF = swiglu(torch._grouped_mm(x_ND, w_gate_up_EHD.transpose(-2, -1), offs=offsets_E))
-    hidden_NF = hidden_NF * weights_N[:, None]
-    return torch._grouped_mm(hidden_NF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
-
-
-def moe_experts(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
-    w_down_EDF: torch.Tensor,
-) -> torch.Tensor:
-    """Routed-expert SwiGLU FFN: y[t] = sum_k w[t,k] * down_e(silu(gate_e(x)) * up_e(x)), e = ids[t,k].
-
-    `w_gate_up_EHD` is [E, 2F, D] (gate rows then up rows), `w_down_EDF` is [E, D, F].
-    Tokens are dispatched by one sort; there is no Python loop over tokens.
+    """Routed-expert SwiGLU FFN on rows grouped by expert: out[r] = down_e(silu(gate_e(x[r])) * up_e(x[r]))
+    for the counts_E[e] consecutive rows of expert e. `w_gate_up_E2FD` holds each expert's gate rows then
+    its up rows; differentiable. Both GEMMs run as single grouped GEMMs where torch has them (empty
+    experts cost nothing), else one matmul pair per expert.
     """
-    num_tokens, top_k = topk_ids_TK.shape
-    num_experts = w_gate_up_EHD.shape[0]
-    order_N, counts_E = permute_by_expert(topk_ids_TK, num_experts)
-    x_ND = x_TD.index_select(0, order_N // top_k)
-    # The combine weight scales the F-wide hidden rows before the down projection (linear, so equal to
-    # scaling the D-wide outputs after it, and F < D moves less memory).
-    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).to(x_ND.dtype)
-    if order_N.numel() and _can_group(x_ND, w_down_EDF.shape[2]):
-        out_ND = _experts_grouped(x_ND, weights_N, counts_E, w_gate_up_EHD, w_down_EDF)
-    else:
-        out_ND = _experts_looped(x_ND, weights_N, counts_E.tolist(), w_gate_up_EHD, w_down_EDF)
-    # Combine: add each row into its token. On the CPU index_add_ runs in index order (deterministic);
-    # on CUDA it uses atomics unless torch.use_deterministic_algorithms(True) is set.
-    y_TD = out_ND.new_zeros(num_tokens, out_ND.shape[1])
-    return y_TD.index_add(0, order_N // top_k, out_ND).to(x_TD.dtype)
+    if _can_group(x_ND, w_down_EDF.shape[2]):
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        gate_up = torch._grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offsets_E)
+        hidden_NF = swiglu(_ContiguousGrad.apply(gate_up))
+        return _ContiguousGrad.apply(
+            torch._grouped_mm(hidden_NF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
+        )
+    return _swiglu_looped(x_ND, counts_E.tolist(), w_gate_up_E2FD, w_down_EDF)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,66 +188,45 @@ def _expert_slices(offsets_E: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def grouped_gemm(x_ND: torch.Tensor, w_EOK: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+def grouped_gemm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows sorted by expert: out[r] = x[r] @ w[e].T for offsets[e-1] <= r < offsets[e]; fp32 math."""
-    out = x_ND.new_zeros(x_ND.shape[0], w_EOK.shape[1])
+    out = x_ND.new_zeros(x_ND.shape[0], w_EOI.shape[1])
     for e, (lo, hi) in enumerate(_expert_slices(offsets_E)):
-        out[lo:hi] = (x_ND[lo:hi].float() @ w_EOK[e].float().T).to(out.dtype)
+        out[lo:hi] = (x_ND[lo:hi].float() @ w_EOI[e].float().T).to(out.dtype)
     return out
 
 
 def grouped_gemm_fp8(
     x_ND: torch.Tensor,
     x_s: torch.Tensor,
-    w_EOK: torch.Tensor,
+    w_EOI: torch.Tensor,
     w_s: torch.Tensor,
     offsets_E: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """`grouped_gemm` on FP8 rows and FP8 experts (128x128 scales w_s [E, O/128, K/128])."""
     x32 = act_dequant(x_ND, x_s)
-    out = torch.zeros(x_ND.shape[0], w_EOK.shape[1], dtype=out_dtype, device=x_ND.device)
+    out = torch.zeros(x_ND.shape[0], w_EOI.shape[1], dtype=out_dtype, device=x_ND.device)
     for e, (lo, hi) in enumerate(_expert_slices(offsets_E)):
-        out[lo:hi] = (x32[lo:hi] @ weight_dequant(w_EOK[e], w_s[e], dtype=torch.float32).T).to(out_dtype)
+        out[lo:hi] = (x32[lo:hi] @ weight_dequant(w_EOI[e], w_s[e], dtype=torch.float32).T).to(out_dtype)
     return out
 
 
-def moe_combine(
-    out_ND: torch.Tensor,
-    order_N: torch.Tensor,
-    num_tokens: int,
-    top_k: int,
-    weights_TK: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Un-permute: y[t] = sum_k w[t, k] * out[row of (t, k)] (w = 1 when None), summed in fp32."""
-    rows = torch.empty_like(out_ND, dtype=torch.float32)
-    rows[order_N] = out_ND.float()  # rows back in (token, slot) order
-    rows = rows.view(num_tokens, top_k, -1)
-    if weights_TK is not None:
-        rows = rows * weights_TK.float()[..., None]
-    return rows.sum(1).to(out_ND.dtype)
-
-
-def moe_experts_fp8(
-    x_TD: torch.Tensor,
-    topk_ids_TK: torch.Tensor,
-    topk_weights_TK: torch.Tensor,
-    w_gate_up_EHD: torch.Tensor,
+def grouped_swiglu_fp8(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
     s_gate_up: torch.Tensor,
     w_down_EDF: torch.Tensor,
     s_down: torch.Tensor,
 ) -> torch.Tensor:
-    """`moe_experts` with FP8 experts (128x128 block scales) and FP8 activations (1x128 tiles).
+    """`grouped_swiglu` with FP8 experts (128x128 block scales) and FP8 rows (1x128 tiles).
 
-    Rows are quantized after the permutation and again after SwiGLU (whose output, already multiplied by
-    the routing weight, is rounded to x's dtype first); GEMM outputs are fp32 (gate/up) and x's dtype (down).
+    Rows are quantized before each GEMM (the SwiGLU output rounded to x's dtype first); the gate|up GEMM
+    returns fp32, the down GEMM x's dtype.
     """
-    num_tokens, top_k = topk_ids_TK.shape
-    order_N, counts_E = permute_by_expert(topk_ids_TK, w_gate_up_EHD.shape[0])
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    x_q, x_s = act_quant(x_TD.index_select(0, order_N // top_k))
-    gate_up = grouped_gemm_fp8(x_q, x_s, w_gate_up_EHD, s_gate_up, offsets_E, out_dtype=torch.float32)
-    weights_N = topk_weights_TK.reshape(-1).index_select(0, order_N).float()
-    h_q, h_s = act_quant((swiglu(gate_up) * weights_N[:, None]).to(x_TD.dtype))
-    out_ND = grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, out_dtype=x_TD.dtype)
-    return moe_combine(out_ND, order_N, num_tokens, top_k)
+    x_q, x_s = act_quant(x_ND)
+    gate_up = grouped_gemm_fp8(x_q, x_s, w_gate_up_E2FD, s_gate_up, offsets_E, out_dtype=torch.float32)
+    h_q, h_s = act_quant(swiglu(gate_up).to(x_ND.dtype))
+    return grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, out_dtype=x_ND.dtype)

@@ -20,7 +20,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadLatentAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MoE | SwiGLUMLP = (
-            MoE(config)
+            MoE.from_config(config)
             if config.is_moe_layer(layer_idx)
             else SwiGLUMLP(config.hidden_size, config.intermediate_size)
         )

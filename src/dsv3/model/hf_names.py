@@ -41,16 +41,17 @@ class CheckpointFormatError(ValueError):
 
 
 # ---- internal -> release ---------------------------------------------------------------------------
-def _split_experts(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+def _split_experts(name: str, tensor: torch.Tensor, first_expert: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Per-expert release names; `first_expert` makes the indices layer-wide on an expert-parallel rank."""
     prefix = name.rsplit(".", 1)[0]
     if name.endswith(".gate_up_proj"):
         gate, up = tensor.chunk(2, dim=1)
         for e in range(tensor.shape[0]):
-            yield f"{prefix}.{e}.gate_proj.weight", gate[e]
-            yield f"{prefix}.{e}.up_proj.weight", up[e]
+            yield f"{prefix}.{first_expert + e}.gate_proj.weight", gate[e]
+            yield f"{prefix}.{first_expert + e}.up_proj.weight", up[e]
     else:
         for e in range(tensor.shape[0]):
-            yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+            yield f"{prefix}.{first_expert + e}.down_proj.weight", tensor[e]
 
 
 def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
@@ -59,6 +60,7 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
+        original = name
         match = _MTP_INTERNAL.match(name)
         if match:
             layer_prefix = f"model.layers.{layers + int(match['index'])}."
@@ -70,7 +72,8 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
             else:
                 name = layer_prefix + rest
         if name.endswith(STACKED_EXPERTS):
-            out.update(_split_experts(name, tensor))
+            owner = model.get_submodule(original.rsplit(".", 1)[0])
+            out.update(_split_experts(name, tensor, owner.first_expert))
         else:
             out[name] = tensor
     for k in range(len(model.mtp)):

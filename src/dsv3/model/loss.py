@@ -7,6 +7,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from dsv3.balance.bias import sequence_balance_loss_of
 from dsv3.model.transformer import ModelOutput
 
 
@@ -22,8 +23,11 @@ def _cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.
     return F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]).float(), targets_BT.reshape(-1))
 
 
-def language_model_loss(output: ModelOutput, input_ids: torch.Tensor, mtp_weight: float = 0.3) -> LossParts:
-    """Main loss on row i -> token i+1; MTP depth k on row i -> token i+k+1, averaged over depths."""
+def language_model_loss(
+    output: ModelOutput, input_ids: torch.Tensor, mtp_weight: float = 0.3, balance_alpha: float = 0.0
+) -> LossParts:
+    """Main loss on row i -> token i+1; MTP depth k on row i -> token i+k+1, averaged over depths; plus
+    the sequence-wise balance loss of every gate that ran when `balance_alpha` > 0."""
     main = _cross_entropy(output.logits[:, :-1], input_ids[:, 1:])
     depth_losses = [
         _cross_entropy(logits[:, : input_ids.shape[1] - depth - 1], input_ids[:, depth + 1 :])
@@ -34,6 +38,8 @@ def language_model_loss(output: ModelOutput, input_ids: torch.Tensor, mtp_weight
     total = main
     if mtp is not None:
         total = total + mtp_weight * mtp
-    if output.balance_loss is not None:
-        total = total + output.balance_loss
-    return LossParts(total, main, mtp, output.balance_loss)
+    balance = None
+    if balance_alpha > 0 and output.routings:
+        balance = sequence_balance_loss_of(output.routings, output.batch, balance_alpha)
+        total = total + balance
+    return LossParts(total, main, mtp, balance)

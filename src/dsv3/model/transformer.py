@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsv3.balance.bias import apply_bias_update, expert_load, sequence_balance_loss
-from dsv3.kernels.fp8_linear import convert_to_fp8
+from dsv3.balance.bias import apply_bias_update, expert_load
 from dsv3.model.cache import KVCache
 from dsv3.model.config import ModelConfig
 from dsv3.model.decoder import DecoderLayer
+from dsv3.model.fp8_linear import convert_to_fp8
 from dsv3.model.layers import RMSNorm
-from dsv3.model.moe import Gate, RoutedExperts, Routing
+from dsv3.model.moe import Gate, GroupedExperts, Routing
 from dsv3.model.mtp import MultiTokenPrediction
 from dsv3.model.rope import RotaryEmbedding
 
@@ -31,15 +31,18 @@ class ModelOutput:
     - logits [B, T, V]: row i predicts token i+1.
     - mtp_logits: one [B, T-k, V] tensor per MTP depth k = 1.., row i predicting token i+k+1
       (empty when decoding with a cache).
-    - expert_loads [G, E] int64: tokens routed to each expert by each gate, main MoE layers first,
-      then the MTP blocks, in the order of `DeepSeekV3.gates()`.
-    - balance_loss: the sequence-wise balance loss (summed over gates) when `balance_alpha` > 0.
+    - expert_loads [gates, E] int64: tokens routed to each expert by each gate in this pass, main MoE
+      layers first, then the MTP blocks, in the order of `DeepSeekV3.gates()`. The bias update reads
+      them outside the forward (the trainer sums them over micro-batches and ranks first).
+    - routings: every gate's decision that ran, in the same order (the sequence-wise balance loss,
+      `dsv3.balance.bias.sequence_balance_loss_of`, is computed from them); `batch` sequences.
     """
 
     logits: torch.Tensor
     mtp_logits: list[torch.Tensor]
     expert_loads: torch.Tensor
-    balance_loss: torch.Tensor | None = None
+    routings: list[Routing] = dataclasses.field(default_factory=list)
+    batch: int = 1
     hidden_states: torch.Tensor | None = None
 
 
@@ -80,7 +83,7 @@ class DeepSeekV3(nn.Module):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, RoutedExperts):
+            elif isinstance(module, GroupedExperts):
                 nn.init.normal_(module.gate_up_proj, std=std)
                 nn.init.normal_(module.down_proj, std=std)
             elif isinstance(module, Gate):
@@ -94,8 +97,8 @@ class DeepSeekV3(nn.Module):
 
         As in DeepSeek-V3's mixed-precision framework (report, section 3.3.1), the embedding, the output
         head, the MoE gates, the norms and the attention core keep their precision. The routed experts
-        keep theirs too: their grouped FP8 kernels have no backward yet. Call after initialisation or
-        loading; returns the converted module names.
+        keep theirs too: their grouped FP8 kernels (`ops.grouped_swiglu_fp8`) have no backward yet.
+        Call after initialisation or loading; returns the converted module names.
         """
         return convert_to_fp8(self, keep=lambda name: name == "lm_head", scale_fmt=scale_fmt)
 
@@ -121,7 +124,6 @@ class DeepSeekV3(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         compute_mtp: bool | None = None,
-        balance_alpha: float = 0.0,
     ) -> ModelOutput:
         """Logits for `input_ids` [B, T]; with a cache, the tokens continue the cached sequences."""
         if input_ids.dim() != 2:
@@ -155,17 +157,7 @@ class DeepSeekV3(nn.Module):
                 mtp_logits.append(self.lm_head(module.shared_head_norm(h_prev)))
 
         loads = self._expert_loads(routings, mtp_routings)
-        balance = None
-        if balance_alpha > 0:
-            balance = sum(
-                sequence_balance_loss(
-                    r.scores_TE.view(batch, -1, r.scores_TE.shape[-1]),
-                    r.ids_TK.view(batch, -1, r.ids_TK.shape[-1]),
-                    balance_alpha,
-                )
-                for r in routings + mtp_routings
-            )
-        return ModelOutput(logits, mtp_logits, loads, balance, hidden)
+        return ModelOutput(logits, mtp_logits, loads, routings + mtp_routings, batch, hidden)
 
     def _expert_loads(self, routings: list[Routing], mtp_routings: list[Routing]) -> torch.Tensor:
         """Loads of every gate; MTP gates that did not run this pass report zero."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dsv3.kernels import ops, reference
-from dsv3.kernels.fp8_linear import FP8Linear
+from dsv3.model.fp8_linear import FP8Linear
 
 
 def _quantized_gemm(a: torch.Tensor, b: torch.Tensor, b_blocks: bool) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""Parallelism applied to a built model, from process groups passed in (the model holds no globals).
+
+`parallelize_experts(model, group)`: expert parallelism. On each rank of `group` every MoE layer keeps
+only its slice of the routed experts (rank r of W: experts [r E/W, (r+1) E/W), copied out of the full
+layer so every rank starts from the same weights) and exchanges rows with the other ranks through an
+`AllToAllDispatcher`. Gates, shared experts, attention and everything else stay replicated; their
+gradients are per-rank partial sums that data parallelism reduces as usual, while each expert's gradient
+is already complete on its owner.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv3.model.dispatch import AllToAllDispatcher, DispatchError
+from dsv3.model.moe import GroupedExperts, MoE
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def _local_slice(experts: GroupedExperts, first: int, count: int) -> GroupedExperts:
+    _, width2, hidden = experts.gate_up_proj.shape
+    local = GroupedExperts(count, hidden, width2 // 2, first_expert=experts.first_expert + first).to(
+        device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype
+    )
+    local.gate_up_proj.copy_(experts.gate_up_proj[first : first + count])
+    local.down_proj.copy_(experts.down_proj[first : first + count])
+    return local
+
+
+def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
+    """Shard every MoE layer's routed experts over `group` (in place; returns `model`).
+
+    Call on every rank of `group` with identically initialised (or loaded) models, before building the
+    optimizer: the expert parameters are replaced by their local slices.
+    """
+    layers = moe_layers(model)
+    for layer in layers:
+        if not isinstance(layer.experts, GroupedExperts) or layer.experts.first_expert != 0:
+            raise DispatchError("parallelize_experts: a MoE layer's experts are already sharded")
+        dispatcher = AllToAllDispatcher(group, layer.experts.num_experts)
+        layer.experts = _local_slice(layer.experts, dispatcher.first_expert, dispatcher.num_local_experts)
+        layer.dispatcher = dispatcher
+    return model
