@@ -16,6 +16,9 @@ lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+protos:  # regenerate the committed stubs in protos/src/dsv3/rpc/v1 (pinned grpcio-tools, a dev extra)
+	$(PY) scripts/gen_protos.py
+
 bench:
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_checkpoint.py

@@ -1,6 +1,9 @@
-"""Generate the Python protobuf/gRPC stubs in src/dsv3/rpc/v1 from protos/ (pinned grpcio-tools).
+"""Generate the Python protobuf/gRPC stubs in protos/src/dsv3/rpc/v1 from protos/ (pinned grpcio-tools).
 
-python scripts/gen_protos.py [--out DIR]    # DIR defaults to src/ (stubs land in DIR/dsv3/rpc/v1)
+python scripts/gen_protos.py [--out DIR]    # DIR defaults to protos/src/ (stubs land in DIR/dsv3/rpc/v1)
+
+The stubs belong to the torch-free distribution `dsv3-rpc` (protos/pyproject.toml); `make protos` runs
+this, and tests/rpc/test_stubs.py fails when the committed ones are stale.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
+STUB_ROOT = PROTO_ROOT / "src"  # dsv3-rpc's package root
 PINNED_GRPCIO_TOOLS = "1.85.1"
 
 
@@ -25,7 +29,7 @@ def generate(out_root: Path) -> list[Path]:
         version = dist_version("grpcio-tools")
     if version != PINNED_GRPCIO_TOOLS:
         raise SystemExit(f"grpcio-tools {version} installed; stubs are generated with {PINNED_GRPCIO_TOOLS}")
-    protos = sorted(PROTO_ROOT.rglob("*.proto"))
+    protos = sorted((PROTO_ROOT / "dsv3").rglob("*.proto"))
     out_root.mkdir(parents=True, exist_ok=True)
     well_known = Path(protoc.__file__).parent / "_proto"
     args = [
@@ -44,7 +48,7 @@ def generate(out_root: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "src")
+    parser.add_argument("--out", type=Path, default=STUB_ROOT)
     files = generate(parser.parse_args().out)
     print("\n".join(str(f) for f in files), file=sys.stderr)
 

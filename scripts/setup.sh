@@ -7,7 +7,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q "torch>=2.9,<2.15"
-editables=(-e '.[dev]')
+# One pip command for every local distribution, so that `dsv3-rpc` (protos/, a dependency of the core
+# and of the services) resolves to the local one rather than to an index.
+editables=(-e ./protos -e '.[dev]')
 for d in services/* operator; do
   [ -f "$d/pyproject.toml" ] && editables+=(-e "$d")
 done

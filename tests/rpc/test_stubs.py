@@ -1,4 +1,4 @@
-"""The committed stubs in src/dsv3/rpc/v1 are exactly what scripts/gen_protos.py generates now."""
+"""The committed stubs in protos/src/dsv3/rpc/v1 (dsv3-rpc) are what scripts/gen_protos.py generates now."""
 
 import importlib.util
 from pathlib import Path
@@ -11,7 +11,7 @@ def test_generated_stubs_are_fresh(tmp_path) -> None:
     gen_protos = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen_protos)
     generated = gen_protos.generate(tmp_path)
-    committed_dir = ROOT / "src" / "dsv3" / "rpc" / "v1"
+    committed_dir = ROOT / "protos" / "src" / "dsv3" / "rpc" / "v1"
     assert {p.name for p in generated} == {p.name for p in committed_dir.glob("*_pb2*.py*")}
     stale = [p.name for p in generated if p.read_bytes() != (committed_dir / p.name).read_bytes()]
-    assert stale == [], f"stale stubs {stale}: run scripts/gen_protos.py"
+    assert stale == [], f"stale stubs {stale}: run make protos"

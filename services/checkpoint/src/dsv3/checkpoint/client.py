@@ -16,14 +16,24 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
-import numpy as np
-import torch
 
 from dsv3.checkpoint import checksum, wire
 from dsv3.checkpoint.prefetch import prefetched
 from dsv3.checkpoint.split import balanced_runs, group
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
-from dsv3.serving import tensor_codec
+
+try:  # the server's install (dsv3-rpc + dsv3-checkpoint) has none of these; the client needs all three
+    import numpy as np
+    import torch
+
+    from dsv3.serving import tensor_codec
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(
+        f"dsv3.checkpoint.CheckpointClient needs torch, numpy and the core dsv3 (dsv3.serving.tensor_codec),"
+        f" but {exc.name!r} is not installed: pip install 'dsv3-checkpoint[client]'"
+        " (from a checkout: pip install ./protos . './services/checkpoint[client]')",
+        name=exc.name,
+    ) from exc
 
 T = TypeVar("T")
 _SERVICE = "/dsv3.rpc.v1.CheckpointService/"
