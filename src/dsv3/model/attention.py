@@ -9,8 +9,8 @@ by every head. Two paths compute the same function:
   absorb `kv_b_proj` into the query (scores = (q_nope W_uk) . c_KV) and into the output
   (o = (p . c_KV) W_uv), so per-head keys and values are never materialised.
 
-Legend: B batch, T new tokens, S cached+new tokens, H heads, N qk_nope dim, R rope dim, V v dim,
-C kv_lora_rank.
+Shapes follow the legend in README.md: B batch, T new tokens, M key positions (cached + new), H heads,
+Q per-head q/k width (U no-rope + R rope), A per-head value width, C kv_lora_rank.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ class MultiHeadLatentAttention(nn.Module):
     def _queries(
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head (q_nope [B,T,H,N], rotated q_rope [B,T,H,R])."""
+        """Per-head (q_nope [B,T,H,U], rotated q_rope [B,T,H,R])."""
         if hasattr(self, "q_proj"):
             q = self.q_proj(x_BTD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BTHK = q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
-        q_nope, q_rope = q_BTHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_BTHQ = q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
+        q_nope, q_rope = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
 
     def _latents(
@@ -78,21 +78,21 @@ class MultiHeadLatentAttention(nn.Module):
         batch, tokens, _ = x_BTD.shape
         q_nope, q_rope = self._queries(x_BTD, cos, sin)
         latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
-        kv_BTHX = self.kv_b_proj(latent_BTC).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
-        k_nope, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
+        kv_per_head = self.kv_b_proj(latent_BTC).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
+        k_nope, v_BTHA = kv_per_head.split([self.nope_dim, self.v_dim], dim=-1)
         rope_key_BTHR = rope_key_BTR[:, :, None, :].expand(-1, -1, self.num_heads, -1)
-        q_BHTK = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
-        k_BHTK = torch.cat((k_nope, rope_key_BTHR), dim=-1).transpose(1, 2)
-        v_BHTV = v_BTHV.transpose(1, 2)
+        q_BHTQ = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        k_BHTQ = torch.cat((k_nope, rope_key_BTHR), dim=-1).transpose(1, 2)
+        v_BHTA = v_BTHA.transpose(1, 2)
         qk_dim = self.nope_dim + self.rope_dim
         if self.v_dim < qk_dim:
             # Fused (flash) SDPA kernels want one head width; zero columns of V add zero output columns.
-            v_BHTV = F.pad(v_BHTV, (0, qk_dim - self.v_dim))
-        out_BHTX = F.scaled_dot_product_attention(
-            q_BHTK, k_BHTK, v_BHTV, is_causal=True, scale=self.softmax_scale
+            v_BHTA = F.pad(v_BHTA, (0, qk_dim - self.v_dim))  # now [B, H, T, Q]
+        out_BHTQ = F.scaled_dot_product_attention(
+            q_BHTQ, k_BHTQ, v_BHTA, is_causal=True, scale=self.softmax_scale
         )
-        out_BTHV = out_BHTX[..., : self.v_dim].transpose(1, 2)
-        return self.o_proj(out_BTHV.reshape(batch, tokens, self.num_heads * self.v_dim))
+        out_BTHA = out_BHTQ[..., : self.v_dim].transpose(1, 2)
+        return self.o_proj(out_BTHA.reshape(batch, tokens, self.num_heads * self.v_dim))
 
     # ---- absorbed, cached path -------------------------------------------------------------------
     def forward_cached(
@@ -101,22 +101,22 @@ class MultiHeadLatentAttention(nn.Module):
         batch, tokens, _ = x_BTD.shape
         q_nope, q_rope = self._queries(x_BTD, cos, sin)
         latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
-        latent_BSC, rope_key_BSR = cache.write(layer, latent_BTC, rope_key_BTR)
+        latent_BMC, rope_key_BMR = cache.write(layer, latent_BTC, rope_key_BTR)
         w_kv = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope_dim + self.v_dim))
-        w_uk_HNC, w_uv_HVC = w_kv.split([self.nope_dim, self.v_dim], dim=1)
-        q_latent_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HNC)
-        scores_BHTS = (
-            torch.einsum("bthc,bsc->bhts", q_latent_BTHC, latent_BSC)
-            + torch.einsum("bthr,bsr->bhts", q_rope, rope_key_BSR)
+        w_uk_HUC, w_uv_HAC = w_kv.split([self.nope_dim, self.v_dim], dim=1)
+        q_latent_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HUC)
+        scores_BHTM = (
+            torch.einsum("bthc,bsc->bhts", q_latent_BTHC, latent_BMC)
+            + torch.einsum("bthr,bsr->bhts", q_rope, rope_key_BMR)
         ) * self.softmax_scale
-        cached = latent_BSC.shape[1] - tokens
+        cached = latent_BMC.shape[1] - tokens
         query_pos = torch.arange(tokens, device=x_BTD.device)[:, None] + cached
-        key_pos = torch.arange(latent_BSC.shape[1], device=x_BTD.device)[None, :]
-        scores_BHTS = scores_BHTS.masked_fill(key_pos > query_pos, float("-inf"))
-        probs_BHTS = scores_BHTS.float().softmax(dim=-1).to(latent_BSC.dtype)
-        out_latent_BTHC = torch.einsum("bhts,bsc->bthc", probs_BHTS, latent_BSC)
-        out_BTHV = torch.einsum("bthc,hvc->bthv", out_latent_BTHC, w_uv_HVC)
-        return self.o_proj(out_BTHV.reshape(batch, tokens, self.num_heads * self.v_dim))
+        key_pos = torch.arange(latent_BMC.shape[1], device=x_BTD.device)[None, :]
+        scores_BHTM = scores_BHTM.masked_fill(key_pos > query_pos, float("-inf"))
+        probs_BHTM = scores_BHTM.float().softmax(dim=-1).to(latent_BMC.dtype)
+        out_latent_BTHC = torch.einsum("bhts,bsc->bthc", probs_BHTM, latent_BMC)
+        out_BTHA = torch.einsum("bthc,hvc->bthv", out_latent_BTHC, w_uv_HAC)
+        return self.o_proj(out_BTHA.reshape(batch, tokens, self.num_heads * self.v_dim))
 
     def forward(
         self,

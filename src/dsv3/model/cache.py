@@ -28,16 +28,16 @@ class KVCache:
             raise ValueError(f"KVCache needs batch > 0 and max_length > 0, got {batch}, {max_length}")
         self.max_length = max_length
         self.length = 0
-        self.latent_LBSC = torch.zeros(
+        self.latent_LBMC = torch.zeros(
             num_layers, batch, max_length, config.kv_lora_rank, dtype=dtype, device=device
         )
-        self.rope_key_LBSR = torch.zeros(
+        self.rope_key_LBMR = torch.zeros(
             num_layers, batch, max_length, config.qk_rope_head_dim, dtype=dtype, device=device
         )
 
     @property
     def batch(self) -> int:
-        return self.latent_LBSC.shape[1]
+        return self.latent_LBMC.shape[1]
 
     def write(
         self, layer: int, latent_BTC: torch.Tensor, rope_key_BTR: torch.Tensor
@@ -51,14 +51,14 @@ class KVCache:
             raise ValueError(
                 f"KV cache full: {self.length} + {new} tokens exceeds max_length {self.max_length}"
             )
-        self.latent_LBSC[layer, :, self.length : end] = latent_BTC
-        self.rope_key_LBSR[layer, :, self.length : end] = rope_key_BTR
-        return self.latent_LBSC[layer, :, :end], self.rope_key_LBSR[layer, :, :end]
+        self.latent_LBMC[layer, :, self.length : end] = latent_BTC
+        self.rope_key_LBMR[layer, :, self.length : end] = rope_key_BTR
+        return self.latent_LBMC[layer, :, :end], self.rope_key_LBMR[layer, :, :end]
 
     def advance(self, num_tokens: int) -> None:
         """Called by the model once every layer has written this step's tokens."""
         self.length += num_tokens
 
     def bytes_per_token(self) -> int:
-        per_layer = self.latent_LBSC.shape[-1] + self.rope_key_LBSR.shape[-1]
-        return per_layer * self.latent_LBSC.shape[0] * self.latent_LBSC.element_size()
+        per_layer = self.latent_LBMC.shape[-1] + self.rope_key_LBMR.shape[-1]
+        return per_layer * self.latent_LBMC.shape[0] * self.latent_LBMC.element_size()

@@ -24,6 +24,8 @@ from torch import nn
 
 from dsv3.kernels import ops
 
+# Shapes (legend in README.md): T tokens (all leading dims flattened), I input and O output features.
+
 
 def _transpose_q(q: torch.Tensor) -> torch.Tensor:
     """Contiguous transpose of an FP8 matrix, copied as bytes (not every FP8 copy kernel exists)."""
@@ -33,12 +35,12 @@ def _transpose_q(q: torch.Tensor) -> torch.Tensor:
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:  # type: ignore[override]
-        x_MK = x.reshape(-1, x.shape[-1]).contiguous()
-        x_q, x_s = ops.act_quant(x_MK, scale_fmt=scale_fmt)
+        x_TI = x.reshape(-1, x.shape[-1]).contiguous()
+        x_q, x_s = ops.act_quant(x_TI, scale_fmt=scale_fmt)
         w_q, w_s = ops.weight_quant(weight.detach().contiguous(), scale_fmt=scale_fmt)
         y = ops.fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         if ctx.needs_input_grad[1]:
-            xt_q, xt_s = ops.act_quant(x_MK.t().contiguous(), scale_fmt=scale_fmt)  # 128x1 along tokens
+            xt_q, xt_s = ops.act_quant(x_TI.t().contiguous(), scale_fmt=scale_fmt)  # 128x1 along tokens
         else:
             xt_q = xt_s = None
         ctx.save_for_backward(w_q, w_s, xt_q, xt_s)
@@ -49,14 +51,15 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
         w_q, w_s, xt_q, xt_s = ctx.saved_tensors
-        g_MN = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
+        grad_TO = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            g_q, g_s = ops.act_quant(g_MN, scale_fmt=ctx.scale_fmt)  # 1x128 along out features
+            g_q, g_s = ops.act_quant(grad_TO, scale_fmt=ctx.scale_fmt)  # 1x128 along out features
             grad_x = ops.fp8_gemm(g_q, g_s, _transpose_q(w_q), w_s.t().contiguous(), out_dtype=ctx.x_dtype)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            gt_q, gt_s = ops.act_quant(g_MN.t().contiguous(), scale_fmt=ctx.scale_fmt)  # 128x1 along tokens
+            # 128x1 along tokens
+            gt_q, gt_s = ops.act_quant(grad_TO.t().contiguous(), scale_fmt=ctx.scale_fmt)
             grad_w = ops.fp8_gemm(gt_q, gt_s, xt_q, xt_s, out_dtype=torch.float32).to(ctx.w_dtype)
         return grad_x, grad_w, None
 

@@ -80,12 +80,12 @@ class RotaryEmbedding(torch.nn.Module):
         return angles.cos() * self.amplitude, angles.sin() * self.amplitude
 
 
-def apply_rotary(x: torch.Tensor, cos_TP: torch.Tensor, sin_TP: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, T, H, R] by per-position angles (P = R/2 pairs).
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, T, H, R] by per-position angles (cos, sin: [T, R/2]).
 
     Each pair (x_2i, x_2i+1) is read as the complex number x_2i + i*x_2i+1 and multiplied by
     cos + i*sin: one fused complex multiply instead of a handful of strided elementwise ops.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rotation = torch.complex(cos_TP, sin_TP)[:, None, :]
+    rotation = torch.complex(cos, sin)[:, None, :]
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
