@@ -75,20 +75,78 @@ def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
     return inverse_N
 
 
-def weighted_unpermute(
-    rows_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor
-) -> torch.Tensor:
-    """y[t] = sum_k weights[t, k] * rows[position of (t, k)], summed in at least float32, in rows' dtype.
+class _GatherTokens(torch.autograd.Function):
+    """rows[i] = x[token of row i]. The backward sums each token's K row gradients by gathering them
+    through the inverse permutation: no zero-filled buffer, no scatter, deterministic on every device."""
 
-    Gathering by the inverse permutation (instead of adding rows into tokens) needs no atomics on CUDA,
-    so the result and its gradient are deterministic on every device.
+    @staticmethod
+    def forward(
+        ctx, x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int
+    ) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse_N)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, order_N // top_k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (inverse_N,) = ctx.saved_tensors
+        by_choice = grad_ND.index_select(0, inverse_N)
+        return by_choice.view(-1, ctx.top_k, grad_ND.shape[1]).sum(1), None, None, None
+
+
+class _WeightedUnpermute(torch.autograd.Function):
+    """y[t] = sum_k w[t, k] * rows[position of (t, k)], accumulated in at least float32.
+
+    Rows are gathered back into (token, choice) order through the inverse permutation; the backward
+    gathers through the permutation itself. Neither direction adds rows into a zeroed buffer, so both are
+    deterministic on CUDA (no atomics) and cheaper on the CPU than autograd's index_select backward.
     """
-    num_tokens, top_k = weights_TK.shape
-    by_choice = rows_ND.index_select(0, inverse_permutation(order_N))
-    by_choice_TKD = by_choice.view(num_tokens, top_k, rows_ND.shape[1])
-    acc = torch.promote_types(rows_ND.dtype, torch.float32)  # at least float32, float64 stays float64
-    y_TD = torch.bmm(weights_TK.to(acc).unsqueeze(1), by_choice_TKD.to(acc)).squeeze(1)
-    return y_TD.to(rows_ND.dtype)
+
+    @staticmethod
+    def forward(
+        ctx, rows_ND: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
+        num_tokens, top_k = weights_TK.shape
+        acc = torch.promote_types(rows_ND.dtype, torch.float32)  # float64 stays float64
+        by_choice_TKD = rows_ND.index_select(0, inverse_N).view(num_tokens, top_k, rows_ND.shape[1])
+        ctx.save_for_backward(by_choice_TKD, weights_TK, order_N)
+        ctx.acc = acc
+        y_TD = torch.bmm(weights_TK.to(acc).unsqueeze(1), by_choice_TKD.to(acc)).squeeze(1)
+        return y_TD.to(rows_ND.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TD: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # type: ignore[override]
+        by_choice_TKD, weights_TK, order_N = ctx.saved_tensors
+        grad = grad_TD.to(ctx.acc)
+        grad_rows = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_TKD = weights_TK.to(ctx.acc)[:, :, None] * grad[:, None, :]
+            grad_rows = grad_TKD.view(-1, grad.shape[1]).index_select(0, order_N).to(by_choice_TKD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.bmm(by_choice_TKD.to(ctx.acc), grad.unsqueeze(-1)).squeeze(-1)
+            grad_weights = grad_weights.to(weights_TK.dtype)
+        return grad_rows, grad_weights, None, None
+
+
+def gather_tokens(
+    x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """The N = T*K dispatched rows: x's row for each (token, choice), in `order_N`'s order."""
+    return _GatherTokens.apply(x_TD, order_N, inverse_N, top_k)
+
+
+def weighted_unpermute(
+    rows_ND: torch.Tensor,
+    order_N: torch.Tensor,
+    weights_TK: torch.Tensor,
+    inverse_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y[t] = sum_k weights[t, k] * rows[position of (t, k)], summed in at least float32, in rows' dtype."""
+    if inverse_N is None:
+        inverse_N = inverse_permutation(order_N)
+    return _WeightedUnpermute.apply(rows_ND, weights_TK, order_N, inverse_N)
 
 
 def _check_routing(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> None:
@@ -117,7 +175,8 @@ def _check_routing(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> No
 
 @dataclasses.dataclass(frozen=True)
 class LocalHandle:
-    order_N: torch.Tensor
+    order_N: torch.Tensor  # flat (token, choice) index of each dispatched row
+    inverse_N: torch.Tensor  # position of each (token, choice) among the dispatched rows
     weights_TK: torch.Tensor
 
 
@@ -135,11 +194,12 @@ class LocalDispatcher:
         _check_routing(x_TD, routing, self.num_experts)
         top_k = routing.ids_TK.shape[1]
         order_N, counts_E = sort_by_expert(routing.ids_TK, self.num_experts)
-        rows_ND = x_TD.index_select(0, order_N // top_k)
-        return rows_ND, counts_E, LocalHandle(order_N, routing.weights_TK)
+        inverse_N = inverse_permutation(order_N)
+        rows_ND = gather_tokens(x_TD, order_N, inverse_N, top_k)
+        return rows_ND, counts_E, LocalHandle(order_N, inverse_N, routing.weights_TK)
 
     def combine(self, rows_ND: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
-        return weighted_unpermute(rows_ND, handle.order_N, handle.weights_TK)
+        return weighted_unpermute(rows_ND, handle.order_N, handle.weights_TK, handle.inverse_N)
 
     def __repr__(self) -> str:
         return f"LocalDispatcher(num_experts={self.num_experts})"
@@ -165,6 +225,7 @@ class _AllToAll(torch.autograd.Function):
 @dataclasses.dataclass(frozen=True)
 class AllToAllHandle:
     order_N: torch.Tensor  # this rank's rows in global expert order (= grouped by destination rank)
+    inverse_N: torch.Tensor
     weights_TK: torch.Tensor
     send: list[int]  # rows sent to each rank
     receive: list[int]  # rows received from each rank
@@ -197,23 +258,24 @@ class AllToAllDispatcher:
         top_k = routing.ids_TK.shape[1]
         local = self.num_local_experts
         order_N, counts_E = sort_by_expert(routing.ids_TK, self.num_experts)
+        inverse_N = inverse_permutation(order_N)
         # Counts first: every rank learns how many rows it gets from each rank for each of its experts.
         received_WL = torch.empty_like(counts_E)
         dist.all_to_all_single(received_WL, counts_E, group=self.group)
         received_WL = received_WL.view(self.world, local).cpu()
         send = counts_E.view(self.world, local).sum(1).tolist()
         receive = received_WL.sum(1).tolist()
-        rows = _AllToAll.apply(x_TD.index_select(0, order_N // top_k), receive, send, self.group)
+        rows = _AllToAll.apply(gather_tokens(x_TD, order_N, inverse_N, top_k), receive, send, self.group)
         # Received rows come by source rank, then expert; the experts want them by expert, then source.
         expert_of_row = torch.repeat_interleave(torch.arange(local).repeat(self.world), received_WL.flatten())
         regroup, counts_L = sort_by_expert(expert_of_row.to(rows.device).unsqueeze(1), local)
-        handle = AllToAllHandle(order_N, routing.weights_TK, send, receive, regroup)
+        handle = AllToAllHandle(order_N, inverse_N, routing.weights_TK, send, receive, regroup)
         return rows.index_select(0, regroup), counts_L, handle
 
     def combine(self, rows_ND: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         by_source = rows_ND.index_select(0, inverse_permutation(handle.regroup))
         returned = _AllToAll.apply(by_source, handle.send, handle.receive, self.group)
-        return weighted_unpermute(returned, handle.order_N, handle.weights_TK)
+        return weighted_unpermute(returned, handle.order_N, handle.weights_TK, handle.inverse_N)
 
     def __repr__(self) -> str:
         return (
