@@ -127,9 +127,9 @@ def _moe_case(tokens: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> lis
     routing = _routing(tokens)
     dispatcher = LocalDispatcher(e)
 
-    def layer(compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x=x) -> torch.Tensor:
+    def layer(compute: Callable[..., torch.Tensor], x=x) -> torch.Tensor:
         rows, counts, handle = dispatcher.dispatch(x, routing)
-        return dispatcher.combine(compute(rows, counts), handle)
+        return dispatcher.combine(compute(rows, counts, handle.row_weights_N), handle)
 
     def offsets(counts: torch.Tensor) -> torch.Tensor:
         return torch.cumsum(counts, 0).to(torch.int32)
@@ -137,13 +137,13 @@ def _moe_case(tokens: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> lis
     impls: dict[str, Callable[[], torch.Tensor]] = {
         # on CUDA the reference takes its per-expert loop (its torch._grouped_mm path is CPU-only)
         "bf16 PyTorch loop over experts": lambda: layer(
-            lambda r, c: reference.grouped_swiglu(r, c, w_gate_up, w_down)
+            lambda r, c, w: reference.grouped_swiglu(r, c, w_gate_up, w_down, w)
         ),
         "bf16 ours (Triton)": lambda: layer(
-            lambda r, c: moe.grouped_swiglu(r, offsets(c), w_gate_up, w_down)
+            lambda r, c, w: moe.grouped_swiglu(r, offsets(c), w_gate_up, w_down, w.float())
         ),
         "fp8 ours (Triton)": lambda: layer(
-            lambda r, c: moe.grouped_swiglu_fp8(r, offsets(c), wgu_q, wgu_s, wd_q, wd_s)
+            lambda r, c, w: moe.grouped_swiglu_fp8(r, offsets(c), wgu_q, wgu_s, wd_q, wd_s, w.float())
         ),
     }
     if hasattr(torch, "_grouped_mm"):
@@ -151,7 +151,8 @@ def _moe_case(tokens: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> lis
             x, routing.ids_TK, routing.weights_TK, w_gate_up, w_down
         )
     exact = layer(
-        lambda r, c: reference.grouped_swiglu(r, c.cpu(), w_gate_up.float(), w_down.float()), x=x.float()
+        lambda r, c, w: reference.grouped_swiglu(r, c.cpu(), w_gate_up.float(), w_down.float(), w),
+        x=x.float(),
     )
     flops = 6 * tokens * MOE["top_k"] * d * f
     rows, base_ms = [], None

@@ -51,9 +51,9 @@ def test_grouped_gemm_kernel_fused_swiglu(triton_backend, device, rel_err) -> No
 
     counts = [3, 0, 70]
     x, w = torch.randn(73, 128, device=device), torch.randn(3, 2 * 72, 128, device=device)
-    offsets = _offsets(counts, device)
-    out = moe.grouped_gemm(x, w, offsets, swiglu=True)
-    expected = reference.swiglu(reference.grouped_gemm(x, w, offsets))
+    offsets, row_weights = _offsets(counts, device), torch.rand(73, device=device)
+    out = moe.grouped_gemm(x, w, offsets, swiglu=True, row_weights_N=row_weights)
+    expected = reference.swiglu(reference.grouped_gemm(x, w, offsets)) * row_weights[:, None]
     assert out.shape == (73, 72)
     assert rel_err(out, expected) < 1e-5
 
@@ -87,11 +87,14 @@ def _counts(counts: list[int], device) -> torch.Tensor:
 def test_grouped_swiglu_triton_matches_reference(triton_backend, device, rel_err, dtype, tol, counts) -> None:
     x = torch.randn(sum(counts), 128, device=device, dtype=dtype)
     w_gate_up, w_down = _experts(6, 128, 96, device, dtype)
+    row_weights = torch.rand(sum(counts), device=device)
+    for weights in (None, row_weights):
+        out = ops.grouped_swiglu(x, _counts(counts, device), w_gate_up, w_down, weights)
+        with ops.force_backend("torch"):
+            expected = ops.grouped_swiglu(x, _counts(counts, device), w_gate_up, w_down, weights)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert rel_err(out, expected) < tol
     out = ops.grouped_swiglu(x, _counts(counts, device), w_gate_up, w_down)
-    with ops.force_backend("torch"):
-        expected = ops.grouped_swiglu(x, _counts(counts, device), w_gate_up, w_down)
-    assert out.shape == x.shape and out.dtype == dtype
-    assert rel_err(out, expected) < tol
     # by hand for one expert: its rows used its own weights
     lo, hi = counts[0], counts[0] + counts[2]
     if hi > lo:
@@ -122,12 +125,13 @@ def test_grouped_swiglu_fp8(triton_backend, device, rel_err) -> None:
     x = torch.randn(sum(counts), 256, device=device, dtype=torch.bfloat16)
     w_gate_up, w_down = _experts(6, 256, 160, device)  # F = 160: a 128-block straddles gate and up rows
     (wgu_q, wgu_s), (wd_q, wd_s) = reference.weight_quant(w_gate_up), reference.weight_quant(w_down)
-    out = ops.grouped_swiglu_fp8(x, _counts(counts, device), wgu_q, wgu_s, wd_q, wd_s)
-    expected = reference.grouped_swiglu_fp8(x, _counts(counts, device), wgu_q, wgu_s, wd_q, wd_s)
+    weights = torch.rand(sum(counts), device=device) + 0.5
+    out = ops.grouped_swiglu_fp8(x, _counts(counts, device), wgu_q, wgu_s, wd_q, wd_s, weights)
+    expected = reference.grouped_swiglu_fp8(x, _counts(counts, device), wgu_q, wgu_s, wd_q, wd_s, weights)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     assert rel_err(out, expected) < 1e-2
     # and the FP8 experts approximate the unquantized ones
-    exact = reference.grouped_swiglu(x.float(), _counts(counts, device), w_gate_up, w_down)
+    exact = reference.grouped_swiglu(x.float(), _counts(counts, device), w_gate_up, w_down, weights)
     assert rel_err(out, exact) < 0.1
 
 

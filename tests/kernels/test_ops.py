@@ -125,6 +125,12 @@ BAD_CALLS = {
         ),
         r"w_gate_up_E2FD must be \[E, 2F, D=12\]",
     ),
+    "grouped_swiglu: row weights length": (
+        lambda: ops.grouped_swiglu(
+            torch.ones(3, 16), torch.tensor([1, 2]), torch.ones(2, 8, 16), torch.ones(2, 16, 4), torch.ones(2)
+        ),
+        r"row_weights_N must have one weight per row \(3\), got 2",
+    ),
     "grouped_swiglu_fp8: scale shape": (
         lambda: ops.grouped_swiglu_fp8(
             torch.ones(3, 256),

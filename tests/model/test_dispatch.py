@@ -11,6 +11,9 @@ from dsv3.model.dispatch import (
     Routing,
     inverse_permutation,
     sort_by_expert,
+    sum_by_adding,
+    sum_by_gathering,
+    unpermute_sum,
 )
 
 
@@ -37,16 +40,22 @@ def test_dispatch_groups_rows_by_expert_in_token_order(skew: float) -> None:
         start += count
 
 
-def test_combine_weights_rows_and_sums_them_into_tokens() -> None:
+def test_rows_carry_their_weights_and_combine_sums_them_into_tokens() -> None:
     tokens, top_k, experts, hidden = 37, 4, 16, 6
     routing = _routing(tokens, top_k, experts, skew=2.0)
     x_TD = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
     weights = routing.weights_TK.requires_grad_(True)
     dispatcher = LocalDispatcher(experts)
     rows_ND, counts_E, handle = dispatcher.dispatch(x_TD, routing)
+    # each row's weight is its (token, choice)'s
+    expert_N = torch.repeat_interleave(torch.arange(experts), counts_E)
+    for i in range(rows_ND.shape[0]):
+        t = int((x_TD.detach() == rows_ND[i].detach()).all(-1).nonzero())
+        k = int((routing.ids_TK[t] == expert_N[i]).nonzero())
+        assert handle.row_weights_N[i] == weights[t, k]
     # expert e scales its rows by e + 1: a per-expert function, so a row sent to the wrong expert shows
-    scale_N = torch.repeat_interleave(torch.arange(1, experts + 1, dtype=torch.float64), counts_E)
-    y_TD = dispatcher.combine(rows_ND * scale_N[:, None], handle)
+    scale_N = (expert_N + 1).to(torch.float64)
+    y_TD = dispatcher.combine(rows_ND * scale_N[:, None] * handle.row_weights_N[:, None], handle)
     expected = (weights[..., None] * (routing.ids_TK + 1)[..., None] * x_TD[:, None, :]).sum(1)
     torch.testing.assert_close(y_TD, expected)
     probe = torch.randn(tokens, hidden, dtype=torch.float64)
@@ -54,6 +63,25 @@ def test_combine_weights_rows_and_sums_them_into_tokens() -> None:
     want = torch.autograd.grad((expected * probe).sum(), (x_TD, weights))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("tokens", [29, 0])
+def test_summing_by_gathering_equals_summing_by_adding(tokens: int) -> None:
+    """CUDA sums by gathering (no atomics), the CPU by adding rows into tokens: the same sums, gradients."""
+    top_k = 3
+    order, _ = sort_by_expert(torch.rand(tokens, 8).topk(top_k, -1).indices, 8)
+    rows = torch.randn(tokens * top_k, 5, dtype=torch.float64, requires_grad=True)
+    added = sum_by_adding(rows, order, tokens, top_k)
+    gathered = sum_by_gathering(rows, order, tokens, top_k)
+    torch.testing.assert_close(added, gathered)
+    if tokens:
+        by_hand = torch.stack([rows[(order // top_k) == t].sum(0) for t in range(tokens)])
+        torch.testing.assert_close(added, by_hand)
+        probe = torch.randn(tokens, 5, dtype=torch.float64)
+        g_add, g_gather = (torch.autograd.grad((y * probe).sum(), rows)[0] for y in (added, gathered))
+        torch.testing.assert_close(g_add, g_gather)
+    bf16 = unpermute_sum(rows.detach().bfloat16(), order, tokens, top_k)
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (tokens, 5)
 
 
 def test_sort_by_expert_and_its_inverse() -> None:

@@ -4,9 +4,9 @@ Rows arrive grouped by expert (the dispatcher in `dsv3.model.dispatch` permutes 
 kernels only compute). Shapes follow the legend in README.md: N rows, E experts, D hidden, F expert
 width; a generic grouped GEMM's weight is [E, O, I] (output, input features).
 
-`grouped_swiglu`: one grouped-GEMM launch over every expert for gate|up with SwiGLU fused in the
-epilogue, then one for down. `grouped_swiglu_fp8`: the same on float8_e4m3fn experts (128x128 block
-scales), the rows quantized per 1x128 tile before each GEMM.
+`grouped_swiglu`: one grouped-GEMM launch over every expert for gate|up with SwiGLU (and each row's
+combine weight) fused in the epilogue, then one for down. `grouped_swiglu_fp8`: the same on
+float8_e4m3fn experts (128x128 block scales), the rows quantized per 1x128 tile before each GEMM.
 
 Grouped GEMM schedule: expert e owns ceil(rows_e / BLOCK_M) row tiles; the grid has the upper bound
 ceil(N / BLOCK_M) + E row tiles (each expert wastes at most one partial tile) times the column tiles; a
@@ -33,6 +33,7 @@ def _grouped_gemm_kernel(
     out_ptr,
     xs_ptr,
     ws_ptr,
+    rw_ptr,
     offsets_ptr,
     tile_expert_ptr,
     tile_end_ptr,
@@ -42,13 +43,14 @@ def _grouped_gemm_kernel(
     OUT_COLS,
     FP8: tl.constexpr,
     SWIGLU: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     IEEE: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One (row tile, column tile) of out = x @ w[e].T, or of silu(gate) * up with SWIGLU.
+    """One (row tile, column tile) of out = x @ w[e].T, or of silu(gate) * up (* rw per row) with SWIGLU.
 
     With SWIGLU, w[e] is [2F, K] (gate rows then up rows) and column n of the output uses rows n and F + n.
     With FP8, x has 1x128 scales xs [N, K/128] and w 128x128 scales ws [E, W_ROWS/128, K/128]; BLOCK_K = 128.
@@ -108,6 +110,8 @@ def _grouped_gemm_kernel(
     acc = acc_g
     if SWIGLU:
         acc = acc_g * tl.sigmoid(acc_g) * acc_u
+        if WEIGHTED:
+            acc *= tl.load(rw_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * OUT_COLS + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -133,6 +137,7 @@ def _launch(
     x_s: torch.Tensor | None = None,
     w_s: torch.Tensor | None = None,
     swiglu: bool = False,
+    row_weights_N: torch.Tensor | None = None,
     block_m: int | None = None,
 ) -> torch.Tensor:
     num_rows, k = x.shape
@@ -159,6 +164,7 @@ def _launch(
         out,
         x_s if is_fp8 else dummy,
         w_s if is_fp8 else dummy,
+        row_weights_N if row_weights_N is not None else dummy,
         offsets_E,
         tile_expert,
         tile_end,
@@ -168,6 +174,7 @@ def _launch(
         out_cols,
         FP8=is_fp8,
         SWIGLU=swiglu,
+        WEIGHTED=row_weights_N is not None,
         IEEE=x.dtype == torch.float32,
         WIDEN=interpreting() and x.dtype in (torch.bfloat16, torch.float16),
         BLOCK_M=block_m,
@@ -185,14 +192,17 @@ def grouped_gemm(
     offsets_E: torch.Tensor,
     *,
     swiglu: bool = False,
+    row_weights_N: torch.Tensor | None = None,
     block_m: int | None = None,
 ) -> torch.Tensor:
     """Rows sorted by expert (offsets_E: int32 cumulative counts): out[r] = x[r] @ w[e(r)].T in x's dtype.
 
-    With `swiglu` the output is silu(gate) * up per row ([N, O/2]). `block_m` overrides the row-tile
-    heuristic (16, 32, 64 or 128).
+    With `swiglu` the output is silu(gate) * up per row ([N, O/2]), times `row_weights_N` when given.
+    `block_m` overrides the row-tile heuristic (16, 32, 64 or 128).
     """
-    return _launch(x_ND, w_EOI, offsets_E, x_ND.dtype, swiglu=swiglu, block_m=block_m)
+    return _launch(
+        x_ND, w_EOI, offsets_E, x_ND.dtype, swiglu=swiglu, row_weights_N=row_weights_N, block_m=block_m
+    )
 
 
 def grouped_gemm_fp8(
@@ -204,17 +214,33 @@ def grouped_gemm_fp8(
     out_dtype: torch.dtype = torch.bfloat16,
     *,
     swiglu: bool = False,
+    row_weights_N: torch.Tensor | None = None,
     block_m: int | None = None,
 ) -> torch.Tensor:
     """`grouped_gemm` on FP8 rows (x_s [N, I/128]) and FP8 experts (w_s [E, ceil(O/128), ceil(I/128)])."""
-    return _launch(x_ND, w_EOI, offsets_E, out_dtype, x_s=x_s, w_s=w_s, swiglu=swiglu, block_m=block_m)
+    return _launch(
+        x_ND,
+        w_EOI,
+        offsets_E,
+        out_dtype,
+        x_s=x_s,
+        w_s=w_s,
+        swiglu=swiglu,
+        row_weights_N=row_weights_N,
+        block_m=block_m,
+    )
 
 
 def grouped_swiglu(
-    x_ND: torch.Tensor, offsets_E: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
+    x_ND: torch.Tensor,
+    offsets_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The routed experts' SwiGLU FFN on grouped rows in two launches (gate|up with SwiGLU, down)."""
-    h_NF = grouped_gemm(x_ND, w_gate_up_E2FD, offsets_E, swiglu=True)
+    """The routed experts' SwiGLU FFN on grouped rows in two launches (gate|up with SwiGLU and the row
+    weight fused in the epilogue, down)."""
+    h_NF = grouped_gemm(x_ND, w_gate_up_E2FD, offsets_E, swiglu=True, row_weights_N=row_weights_N)
     return grouped_gemm(h_NF, w_down_EDF, offsets_E)
 
 
@@ -225,9 +251,12 @@ def grouped_swiglu_fp8(
     s_gate_up: torch.Tensor,
     w_down_EDF: torch.Tensor,
     s_down: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FP8 experts: quantize rows, FP8 gate|up + SwiGLU, quantize, FP8 down; output in x's dtype."""
+    """FP8 experts: quantize rows, FP8 gate|up + SwiGLU (* row weight), quantize, FP8 down; x's dtype out."""
     x_q, x_s = fp8.act_quant(x_ND)
-    h_NF = grouped_gemm_fp8(x_q, x_s, w_gate_up_E2FD, s_gate_up, offsets_E, x_ND.dtype, swiglu=True)
+    h_NF = grouped_gemm_fp8(
+        x_q, x_s, w_gate_up_E2FD, s_gate_up, offsets_E, x_ND.dtype, swiglu=True, row_weights_N=row_weights_N
+    )
     h_q, h_s = fp8.act_quant(h_NF)
     return grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, x_ND.dtype)

@@ -375,11 +375,26 @@ def _check_counts(op: str, counts_E: torch.Tensor, num_experts: int, num_rows: i
         _check(total == num_rows, f"{op}: counts_E sums to {total} but x has {num_rows} rows")
 
 
+def _check_row_weights(op: str, row_weights_N: torch.Tensor | None, num_rows: int) -> None:
+    if row_weights_N is None:
+        return
+    _check_tensor(op, "row_weights_N", row_weights_N, dtypes=_FLOAT_DTYPES, dim=1, contiguous=False)
+    _check(
+        row_weights_N.shape[0] == num_rows,
+        f"{op}: row_weights_N must have one weight per row ({num_rows}), got {row_weights_N.shape[0]}",
+    )
+
+
 def grouped_swiglu(
-    x_ND: torch.Tensor, counts_E: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The routed experts' SwiGLU FFN on rows grouped by expert (counts_E[e] consecutive rows each):
-    out[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])); see `reference.grouped_swiglu`.
+    out[r] = down_e(w[r] * silu(gate_e(x[r])) * up_e(x[r])), w the rows' combine weights (1 when None);
+    see `reference.grouped_swiglu`.
 
     Triton (fused SwiGLU, no backward) on CUDA when no gradient is needed, else the torch reference.
     """
@@ -389,17 +404,19 @@ def grouped_swiglu(
     _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
     _check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
     _check_counts(op, counts_E, w_gate_up_E2FD.shape[0], x_ND.shape[0])
+    _check_row_weights(op, row_weights_N, x_ND.shape[0])
     _check_same_device(op, x_ND=x_ND, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF)
-    tensors = (x_ND, w_gate_up_E2FD, w_down_EDF)
+    tensors = (x_ND, w_gate_up_E2FD, w_down_EDF, *(() if row_weights_N is None else (row_weights_N,)))
     same_dtype = x_ND.dtype == w_gate_up_E2FD.dtype == w_down_EDF.dtype
     if same_dtype and not _needs_grad(*tensors) and _use_triton(op, *tensors):
         from dsv3.kernels import moe
 
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        weights = row_weights_N.float().contiguous() if row_weights_N is not None else None
         return moe.grouped_swiglu(
-            x_ND.contiguous(), offsets_E, w_gate_up_E2FD.contiguous(), w_down_EDF.contiguous()
+            x_ND.contiguous(), offsets_E, w_gate_up_E2FD.contiguous(), w_down_EDF.contiguous(), weights
         )
-    return reference.grouped_swiglu(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF)
+    return reference.grouped_swiglu(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, row_weights_N)
 
 
 def grouped_swiglu_fp8(
@@ -409,6 +426,7 @@ def grouped_swiglu_fp8(
     s_gate_up: torch.Tensor,
     w_down_EDF: torch.Tensor,
     s_down: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`grouped_swiglu` with float8_e4m3fn experts (128x128 block scales) and 1x128-quantized rows."""
     op = "grouped_swiglu_fp8"
@@ -420,6 +438,7 @@ def grouped_swiglu_fp8(
     _check_scale(op, "s_gate_up", s_gate_up, (e, _cdiv(h, 128), _cdiv(d, 128)))
     _check_scale(op, "s_down", s_down, (e, _cdiv(d, 128), _cdiv(h // 2, 128)))
     _check_counts(op, counts_E, e, x_ND.shape[0])
+    _check_row_weights(op, row_weights_N, x_ND.shape[0])
     args = (x_ND, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)
     names = ("x_ND", "w_gate_up_E2FD", "s_gate_up", "w_down_EDF", "s_down")
     _check_same_device(op, **dict(zip(names, args, strict=True)))
@@ -427,5 +446,6 @@ def grouped_swiglu_fp8(
         from dsv3.kernels import moe
 
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return moe.grouped_swiglu_fp8(x_ND, offsets_E, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)
-    return reference.grouped_swiglu_fp8(x_ND, counts_E, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)
+        weights = row_weights_N.float().contiguous() if row_weights_N is not None else None
+        return moe.grouped_swiglu_fp8(x_ND, offsets_E, *args[1:], weights)
+    return reference.grouped_swiglu_fp8(x_ND, counts_E, *args[1:], row_weights_N)

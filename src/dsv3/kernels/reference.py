@@ -25,23 +25,34 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _scaled(hidden_NF: torch.Tensor, row_weights_N: torch.Tensor | None) -> torch.Tensor:
+    return hidden_NF if row_weights_N is None else hidden_NF * row_weights_N.to(hidden_NF.dtype)[:, None]
+
+
 def _swiglu_looped(
-    x_ND: torch.Tensor, counts: list[int], w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One matmul pair per expert on contiguous slices (any dtype and alignment)."""
     outputs = []
+    weights = row_weights_N.split(counts) if row_weights_N is not None else [None] * len(counts)
     # unbind once: indexing w[e] per expert would make autograd zero-fill a full-size gradient per expert.
-    for rows, w_gate_up, w_down in zip(
-        x_ND.split(counts), w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0), strict=True
+    for rows, row_weights, w_gate_up, w_down in zip(
+        x_ND.split(counts), weights, w_gate_up_E2FD.unbind(0), w_down_EDF.unbind(0), strict=True
     ):
         if rows.shape[0]:
-            outputs.append(swiglu(rows @ w_gate_up.T) @ w_down.T)
+            outputs.append(_scaled(swiglu(rows @ w_gate_up.T), row_weights) @ w_down.T)
     if outputs:
         return torch.cat(outputs)
     # No rows at all (an expert-parallel rank nobody sent tokens to): still an output that autograd
     # connects to the rows and the weights. The weights then get zero gradients rather than none, and the
     # backward reaches the dispatcher's exchange, which every rank of the group must join.
     connected = x_ND.sum() + w_gate_up_E2FD.sum() + w_down_EDF.sum()
+    if row_weights_N is not None:
+        connected = connected + row_weights_N.sum()
     return x_ND.new_zeros(0, w_down_EDF.shape[1]) + 0 * connected
 
 
@@ -70,21 +81,25 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 def grouped_swiglu(
-    x_ND: torch.Tensor, counts_E: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed-expert SwiGLU FFN on rows grouped by expert: out[r] = down_e(silu(gate_e(x[r])) * up_e(x[r]))
-    for the counts_E[e] consecutive rows of expert e. `w_gate_up_E2FD` holds each expert's gate rows then
-    its up rows; differentiable. Both GEMMs run as single grouped GEMMs where torch has them (empty
-    experts cost nothing), else one matmul pair per expert.
+    """Routed-expert SwiGLU FFN on rows grouped by expert: out[r] = down_e(w[r] * silu(gate_e(x[r])) *
+    up_e(x[r])) for the counts_E[e] consecutive rows of expert e (w = 1 without `row_weights_N`).
+
+    `w_gate_up_E2FD` holds each expert's gate rows then its up rows; differentiable. Both GEMMs run as
+    single grouped GEMMs where torch has them (empty experts cost nothing), else one pair per expert.
     """
     if _can_group(x_ND, w_down_EDF.shape[2]):
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
         gate_up = torch._grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offsets_E)
-        hidden_NF = swiglu(_ContiguousGrad.apply(gate_up))
-        return _ContiguousGrad.apply(
-            torch._grouped_mm(hidden_NF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
-        )
-    return _swiglu_looped(x_ND, counts_E.tolist(), w_gate_up_E2FD, w_down_EDF)
+        hidden_NF = _scaled(swiglu(gate_up), row_weights_N)  # swiglu hands back a contiguous gradient
+        out_ND = torch._grouped_mm(hidden_NF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
+        return _ContiguousGrad.apply(out_ND)
+    return _swiglu_looped(x_ND, counts_E.tolist(), w_gate_up_E2FD, w_down_EDF, row_weights_N)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,14 +234,15 @@ def grouped_swiglu_fp8(
     s_gate_up: torch.Tensor,
     w_down_EDF: torch.Tensor,
     s_down: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`grouped_swiglu` with FP8 experts (128x128 block scales) and FP8 rows (1x128 tiles).
 
-    Rows are quantized before each GEMM (the SwiGLU output rounded to x's dtype first); the gate|up GEMM
-    returns fp32, the down GEMM x's dtype.
+    Rows are quantized before each GEMM (the SwiGLU output, times the row weight, rounded to x's dtype
+    first); the gate|up GEMM returns fp32, the down GEMM x's dtype.
     """
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     x_q, x_s = act_quant(x_ND)
     gate_up = grouped_gemm_fp8(x_q, x_s, w_gate_up_E2FD, s_gate_up, offsets_E, out_dtype=torch.float32)
-    h_q, h_s = act_quant(swiglu(gate_up).to(x_ND.dtype))
+    h_q, h_s = act_quant(_scaled(swiglu(gate_up), row_weights_N).to(x_ND.dtype))
     return grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, out_dtype=x_ND.dtype)

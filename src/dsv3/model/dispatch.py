@@ -1,20 +1,22 @@
 """Token dispatch: the seam between the MoE gate and whoever computes the routed experts.
 
 The gate decides (ids, weights) per token; a `TokenDispatcher` moves each token's K rows to the holder
-of the chosen experts, grouped by that holder's local expert (`dispatch`), and brings the computed rows
-back, applying the combine weights and summing each token's rows (`combine`). The expert math is the
-same whichever dispatcher runs, so one process, expert-parallel training and gRPC expert shards all
-give the model's output. Backends:
+of the chosen experts, grouped by that holder's local expert, together with each row's combine weight
+(`dispatch`); the experts compute SwiGLU on the rows and scale their F-wide hidden rows by those weights
+(equal to scaling the D-wide outputs, the down projection being linear, and cheaper: F < D); `combine`
+brings the rows back and sums each token's K rows. The expert math is the same whichever dispatcher
+runs, so one process, expert-parallel training and gRPC expert shards all give the model's output:
 
 - `LocalDispatcher`: every expert in this process (the default).
 - `AllToAllDispatcher(group, num_experts)`: expert parallelism over a torch.distributed group; rank r
-  of W holds experts [r E/W, (r+1) E/W). Token counts are exchanged first, then rows go there and back
-  with `all_to_all_single`; both exchanges are differentiable (the backward runs the reverse exchange).
+  of W holds experts [r E/W, (r+1) E/W). Token counts are exchanged first, then rows (and weights) go
+  there and back with `all_to_all_single`; both exchanges are differentiable (the backward runs the
+  reverse exchange).
 - The router's remote dispatcher (expert shards over gRPC) lives in the router service.
 
-Permutation and un-permutation are written once here (`sort_by_expert`, `weighted_unpermute`) for
-every backend; kernels only compute the grouped experts. Shapes follow the legend in README.md
-(T tokens, D hidden, E experts, K experts per token, N = T*K dispatched rows, W ranks).
+Permutation and un-permutation are written once here (`sort_by_expert`, `unpermute_sum`) for every
+backend; kernels only compute the grouped experts. Shapes follow the legend in README.md (T tokens,
+D hidden, E experts, K experts per token, N = T*K dispatched rows, W ranks).
 """
 
 from __future__ import annotations
@@ -39,18 +41,28 @@ class DispatchError(ValueError):
     """A dispatcher was given inputs that do not fit it (shapes, expert ids, group size)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DispatchHandle:
+    """What every dispatcher's handle carries for the experts; each backend adds what its combine needs."""
+
+    row_weights_N: torch.Tensor  # the combine weight of each dispatched row, in row order, experts' side
+
+
 class TokenDispatcher(Protocol):
-    """Moves routed rows to their experts and back; `handle` is whatever `combine` needs."""
+    """Moves routed rows to their experts and back."""
 
     num_experts: int  # routed experts of the whole layer (ids are in [0, num_experts))
     num_local_experts: int  # experts whose rows `dispatch` returns here
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(rows grouped by local expert [N', D], rows per local expert [num_local_experts] int64, handle)."""
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: Routing
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchHandle]:
+        """(rows grouped by local expert [N', D], rows per local expert [num_local_experts] int64, handle);
+        `handle.row_weights_N` [N'] are the rows' combine weights, for the experts to apply."""
         ...
 
-    def combine(self, rows_ND: torch.Tensor, handle: object) -> torch.Tensor:
-        """The computed rows (same order as dispatched) back into their tokens, weighted: y [T, D]."""
+    def combine(self, rows_ND: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """The computed (already weighted) rows, in dispatched order, summed into their tokens: y [T, D]."""
         ...
 
 
@@ -75,78 +87,30 @@ def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
     return inverse_N
 
 
-class _GatherTokens(torch.autograd.Function):
-    """rows[i] = x[token of row i]. The backward sums each token's K row gradients by gathering them
-    through the inverse permutation: no zero-filled buffer, no scatter, deterministic on every device."""
+def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """y[t] = sum of the rows of token t (row i belongs to token order_N[i] // K), summed in at least fp32.
 
-    @staticmethod
-    def forward(
-        ctx, x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int
-    ) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inverse_N)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, order_N // top_k)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        (inverse_N,) = ctx.saved_tensors
-        by_choice = grad_ND.index_select(0, inverse_N)
-        return by_choice.view(-1, ctx.top_k, grad_ND.shape[1]).sum(1), None, None, None
-
-
-class _WeightedUnpermute(torch.autograd.Function):
-    """y[t] = sum_k w[t, k] * rows[position of (t, k)], accumulated in at least float32.
-
-    Rows are gathered back into (token, choice) order through the inverse permutation; the backward
-    gathers through the permutation itself. Neither direction adds rows into a zeroed buffer, so both are
-    deterministic on CUDA (no atomics) and cheaper on the CPU than autograd's index_select backward.
+    On the CPU rows are added into their tokens in row order (deterministic, one pass). On CUDA that add
+    would use atomics, so rows are gathered back into (token, choice) order and summed per token instead.
     """
-
-    @staticmethod
-    def forward(
-        ctx, rows_ND: torch.Tensor, weights_TK: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor
-    ) -> torch.Tensor:  # type: ignore[override]
-        num_tokens, top_k = weights_TK.shape
-        acc = torch.promote_types(rows_ND.dtype, torch.float32)  # float64 stays float64
-        by_choice_TKD = rows_ND.index_select(0, inverse_N).view(num_tokens, top_k, rows_ND.shape[1])
-        ctx.save_for_backward(by_choice_TKD, weights_TK, order_N)
-        ctx.acc = acc
-        y_TD = torch.bmm(weights_TK.to(acc).unsqueeze(1), by_choice_TKD.to(acc)).squeeze(1)
-        return y_TD.to(rows_ND.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_TD: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:  # type: ignore[override]
-        by_choice_TKD, weights_TK, order_N = ctx.saved_tensors
-        grad = grad_TD.to(ctx.acc)
-        grad_rows = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            grad_TKD = weights_TK.to(ctx.acc)[:, :, None] * grad[:, None, :]
-            grad_rows = grad_TKD.view(-1, grad.shape[1]).index_select(0, order_N).to(by_choice_TKD.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weights = torch.bmm(by_choice_TKD.to(ctx.acc), grad.unsqueeze(-1)).squeeze(-1)
-            grad_weights = grad_weights.to(weights_TK.dtype)
-        return grad_rows, grad_weights, None, None
+    acc = torch.promote_types(rows_ND.dtype, torch.float32)  # float64 stays float64
+    rows = rows_ND.to(acc)
+    if rows_ND.device.type == "cpu":
+        y_TD = sum_by_adding(rows, order_N, num_tokens, top_k)
+    else:
+        y_TD = sum_by_gathering(rows, order_N, num_tokens, top_k)
+    return y_TD.to(rows_ND.dtype)
 
 
-def gather_tokens(
-    x_TD: torch.Tensor, order_N: torch.Tensor, inverse_N: torch.Tensor, top_k: int
+def sum_by_adding(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    return rows_ND.new_zeros(num_tokens, rows_ND.shape[1]).index_add_(0, order_N // top_k, rows_ND)
+
+
+def sum_by_gathering(
+    rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int
 ) -> torch.Tensor:
-    """The N = T*K dispatched rows: x's row for each (token, choice), in `order_N`'s order."""
-    return _GatherTokens.apply(x_TD, order_N, inverse_N, top_k)
-
-
-def weighted_unpermute(
-    rows_ND: torch.Tensor,
-    order_N: torch.Tensor,
-    weights_TK: torch.Tensor,
-    inverse_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y[t] = sum_k weights[t, k] * rows[position of (t, k)], summed in at least float32, in rows' dtype."""
-    if inverse_N is None:
-        inverse_N = inverse_permutation(order_N)
-    return _WeightedUnpermute.apply(rows_ND, weights_TK, order_N, inverse_N)
+    by_choice = rows_ND.index_select(0, inverse_permutation(order_N))
+    return by_choice.view(num_tokens, top_k, rows_ND.shape[1]).sum(1)
 
 
 def _check_routing(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> None:
@@ -174,10 +138,10 @@ def _check_routing(x_TD: torch.Tensor, routing: Routing, num_experts: int) -> No
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalHandle:
+class LocalHandle(DispatchHandle):
     order_N: torch.Tensor  # flat (token, choice) index of each dispatched row
-    inverse_N: torch.Tensor  # position of each (token, choice) among the dispatched rows
-    weights_TK: torch.Tensor
+    num_tokens: int
+    top_k: int
 
 
 class LocalDispatcher:
@@ -194,12 +158,12 @@ class LocalDispatcher:
         _check_routing(x_TD, routing, self.num_experts)
         top_k = routing.ids_TK.shape[1]
         order_N, counts_E = sort_by_expert(routing.ids_TK, self.num_experts)
-        inverse_N = inverse_permutation(order_N)
-        rows_ND = gather_tokens(x_TD, order_N, inverse_N, top_k)
-        return rows_ND, counts_E, LocalHandle(order_N, inverse_N, routing.weights_TK)
+        rows_ND = x_TD.index_select(0, order_N // top_k)
+        row_weights_N = routing.weights_TK.reshape(-1).index_select(0, order_N)
+        return rows_ND, counts_E, LocalHandle(row_weights_N, order_N, x_TD.shape[0], top_k)
 
     def combine(self, rows_ND: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
-        return weighted_unpermute(rows_ND, handle.order_N, handle.weights_TK, handle.inverse_N)
+        return unpermute_sum(rows_ND, handle.order_N, handle.num_tokens, handle.top_k)
 
     def __repr__(self) -> str:
         return f"LocalDispatcher(num_experts={self.num_experts})"
@@ -223,10 +187,10 @@ class _AllToAll(torch.autograd.Function):
 
 
 @dataclasses.dataclass(frozen=True)
-class AllToAllHandle:
+class AllToAllHandle(DispatchHandle):
     order_N: torch.Tensor  # this rank's rows in global expert order (= grouped by destination rank)
-    inverse_N: torch.Tensor
-    weights_TK: torch.Tensor
+    num_tokens: int
+    top_k: int
     send: list[int]  # rows sent to each rank
     receive: list[int]  # rows received from each rank
     regroup: torch.Tensor  # received rows (by source, then expert) -> grouped by local expert
@@ -258,24 +222,26 @@ class AllToAllDispatcher:
         top_k = routing.ids_TK.shape[1]
         local = self.num_local_experts
         order_N, counts_E = sort_by_expert(routing.ids_TK, self.num_experts)
-        inverse_N = inverse_permutation(order_N)
         # Counts first: every rank learns how many rows it gets from each rank for each of its experts.
         received_WL = torch.empty_like(counts_E)
         dist.all_to_all_single(received_WL, counts_E, group=self.group)
         received_WL = received_WL.view(self.world, local).cpu()
         send = counts_E.view(self.world, local).sum(1).tolist()
         receive = received_WL.sum(1).tolist()
-        rows = _AllToAll.apply(gather_tokens(x_TD, order_N, inverse_N, top_k), receive, send, self.group)
+        rows = _AllToAll.apply(x_TD.index_select(0, order_N // top_k), receive, send, self.group)
+        weights = routing.weights_TK.reshape(-1).index_select(0, order_N)
+        weights = _AllToAll.apply(weights, receive, send, self.group)
         # Received rows come by source rank, then expert; the experts want them by expert, then source.
         expert_of_row = torch.repeat_interleave(torch.arange(local).repeat(self.world), received_WL.flatten())
         regroup, counts_L = sort_by_expert(expert_of_row.to(rows.device).unsqueeze(1), local)
-        handle = AllToAllHandle(order_N, inverse_N, routing.weights_TK, send, receive, regroup)
+        row_weights_N = weights.index_select(0, regroup)
+        handle = AllToAllHandle(row_weights_N, order_N, x_TD.shape[0], top_k, send, receive, regroup)
         return rows.index_select(0, regroup), counts_L, handle
 
     def combine(self, rows_ND: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         by_source = rows_ND.index_select(0, inverse_permutation(handle.regroup))
         returned = _AllToAll.apply(by_source, handle.send, handle.receive, self.group)
-        return weighted_unpermute(returned, handle.order_N, handle.weights_TK, handle.inverse_N)
+        return unpermute_sum(returned, handle.order_N, handle.num_tokens, handle.top_k)
 
     def __repr__(self) -> str:
         return (

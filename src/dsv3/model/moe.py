@@ -1,9 +1,10 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts behind a sigmoid, group-limited gate.
 
 The layer is gate -> dispatcher -> grouped experts -> combine (+ shared experts). The gate decides,
-a `TokenDispatcher` (`dsv3.model.dispatch`) moves rows to whoever holds the experts and back, and
-`GroupedExperts` computes SwiGLU on rows grouped by its own experts: built from explicit sizes, so an
-expert-parallel rank or an expert shard holds any subset. Shapes follow the legend in README.md.
+a `TokenDispatcher` (`dsv3.model.dispatch`) moves rows and their combine weights to whoever holds the
+experts and brings the rows back, and `GroupedExperts` computes the weighted SwiGLU on rows grouped by
+its own experts: built from explicit sizes, so an expert-parallel rank or an expert shard holds any
+subset. Shapes follow the legend in README.md.
 
 Routing (per token):
   s = sigmoid(x W_g^T)                       affinity, float32
@@ -115,8 +116,11 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
 
-    def forward(self, rows_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return ops.grouped_swiglu(rows_ND, counts_E, self.gate_up_proj, self.down_proj)
+    def forward(
+        self, rows_ND: torch.Tensor, counts_E: torch.Tensor, row_weights_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """SwiGLU of each expert's rows; `row_weights_N` (combine weights) scale the F-wide hidden rows."""
+        return ops.grouped_swiglu(rows_ND, counts_E, self.gate_up_proj, self.down_proj, row_weights_N)
 
     def extra_repr(self) -> str:
         _, width2, hidden = self.gate_up_proj.shape
@@ -158,7 +162,7 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.gate(x_TD)
         rows_ND, counts_E, handle = self.dispatcher.dispatch(x_TD, routing)
-        y_TD = self.dispatcher.combine(self.experts(rows_ND, counts_E), handle)
+        y_TD = self.dispatcher.combine(self.experts(rows_ND, counts_E, handle.row_weights_N), handle)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BTD), routing
