@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.model.dispatch import AllToAllDispatcher, DispatchError
+from dsv3.model.dispatch import AllToAllDispatcher, DispatchError, LocalDispatcher
 from dsv3.model.moe import GroupedExperts, MoE
 
 
@@ -41,7 +41,11 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None) -> nn
     """
     layers = moe_layers(model)
     for layer in layers:
-        if not isinstance(layer.experts, GroupedExperts) or layer.experts.first_expert != 0:
+        experts = layer.experts
+        whole = isinstance(experts, GroupedExperts) and experts.first_expert == 0
+        if not (whole and isinstance(layer.dispatcher, LocalDispatcher)) or (
+            experts.num_experts != layer.dispatcher.num_experts
+        ):
             raise DispatchError("parallelize_experts: a MoE layer's experts are already sharded")
         dispatcher = AllToAllDispatcher(group, layer.experts.num_experts)
         layer.experts = _local_slice(layer.experts, dispatcher.first_expert, dispatcher.num_local_experts)
