@@ -57,20 +57,21 @@ def test_sigkill_mid_save(make_server, redis_server, tmp_path, index: str) -> No
     sent_enough, release = threading.Event(), threading.Event()
     writer = _stalling_save(srv.address, sent_enough, release)
     assert sent_enough.wait(30)
-    pending = data_dir / "jobs" / "job" / "pending" / "2"
+    incoming = data_dir / "jobs" / "job" / "incoming"  # streams are written outside any checkpoint
     deadline = time.monotonic() + 30
-    while not any(p.stat().st_size > 4 * CHUNK for p in pending.glob(".*.tmp")):
+    while not any(p.stat().st_size > 4 * CHUNK for p in incoming.glob("*.tmp")):
         assert time.monotonic() < deadline, "the server never wrote the partial part"
         time.sleep(0.01)
     srv.kill()  # SIGKILL while the part file is half written
     release.set()
     writer.join(30)
-    assert any(pending.iterdir())  # the partial bytes are really on disk ...
+    assert any(incoming.iterdir())  # the partial bytes are really on disk ...
 
     if redis_url:
         redis_server.flushall()  # Redis lost everything: the index must come back from the manifests
     restarted = make_server(redis_url, data_dir=data_dir)
-    assert not pending.exists()  # ... and gone after the restart
+    assert not incoming.exists()  # ... and gone after the restart
+    assert not (data_dir / "jobs" / "job" / "pending").exists()
     with CheckpointClient(restarted.address) as client:
         assert client.list("job") == [1] and client.latest("job") == 1
         loaded = client.load("job")

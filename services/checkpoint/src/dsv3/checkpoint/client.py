@@ -141,9 +141,16 @@ class CheckpointClient:
         tensors: Mapping[str, torch.Tensor],
         part: int = 0,
         metadata: Mapping[str, object] | None = None,
+        attempt: int | None = None,
     ) -> int:
-        """Store one part of (job, step); returns the bytes written. Invisible until `commit`."""
+        """Store one part of (job, step); returns the bytes written. Invisible until `commit`.
+
+        `attempt` orders concurrent or repeated saves of one part: the server refuses (ABORTED) a save
+        once a newer attempt of the part exists. Pass the job's restart count for a strict order
+        across hosts; the default, the wall clock in nanoseconds, makes the newest save win.
+        """
         names = list(tensors)
+        attempt = time.time_ns() if attempt is None else attempt
         sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
         segments = group(names, balanced_runs(sizes, min(self.streams, len(names)) or 1)) or [[]]
         text_metadata = {k: str(v) for k, v in (metadata or {}).items()}
@@ -161,6 +168,7 @@ class CheckpointClient:
                 metadata=text_metadata,
                 segment=index,
                 num_segments=len(segments) if len(segments) > 1 else 0,
+                attempt=attempt,
             )
             return lambda stub: stub.Save(self._save_requests(header, values), timeout=self.stream_timeout)
 
