@@ -47,6 +47,8 @@ class Index:
     async def rebuild(self, manifests: list[dict[str, Any]] | None = None) -> tuple[int, int]:
         """Make the index equal to the manifests on disk (read now unless given) and mark it."""
         async with self._rebuild:
+            if manifests is None and await self._intact():
+                return 0, 0  # another caller rebuilt it meanwhile
             self._ready.clear()
             try:
                 if manifests is None:
@@ -59,6 +61,13 @@ class Index:
             "index rebuilt from %d manifests on disk (%d added, %d stale removed)", len(manifests), *counts
         )
         return counts
+
+    async def _intact(self) -> bool:
+        try:
+            await self._thread(self.store.ping)
+        except IndexLost:
+            return False
+        return True
 
     async def put(self, manifest: dict[str, Any]) -> None:
         await self._call(self.store.put, manifest)
@@ -86,12 +95,12 @@ class Index:
         alive = True
         while True:
             try:
-                await loop.run_in_executor(self._watch_pool, self.store.ping)
+                try:
+                    await loop.run_in_executor(self._watch_pool, self.store.ping)
+                except IndexLost:
+                    await self.rebuild()
                 now = True
-            except IndexLost:
-                await self.rebuild()
-                now = True
-            except Exception as exc:  # any failure to answer is a dead index
+            except Exception as exc:  # any failure to answer (or to rebuild) is a dead index
                 if alive:
                     log.warning("index unavailable: %s", exc)
                 now = False
