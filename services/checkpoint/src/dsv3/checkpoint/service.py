@@ -411,6 +411,9 @@ async def serve(config: CheckpointConfig) -> None:
         config.host,
         config.port,
         max_message_bytes=config.max_chunk_bytes * 2 + (1 << 20),
+        # No BDP probing: it grows every connection's HTTP/2 window to megabytes, which gRPC fills with
+        # the requests of streams still waiting at the gate (50 waiting streams held ~250 MiB).
+        options=[("grpc.http2.bdp_probe", 0)],
     )
     background: list[asyncio.Task[None]] = []
 
