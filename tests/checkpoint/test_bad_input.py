@@ -258,17 +258,27 @@ def test_same_tensor_name_in_two_parts_is_refused_at_commit(shared_client: Check
     assert shared_client.list("dup") == []
 
 
-def test_a_step_without_its_manifest_can_be_deleted_and_saved_again(client: CheckpointClient, server) -> None:
-    client.save("nomani", 1, {"w": torch.ones(4)})
-    client.commit("nomani", 1)
-    (server.data_dir / "jobs" / "nomani" / "committed" / f"{1:012d}" / "manifest.json").unlink()
-    with pytest.raises(grpc.RpcError) as err:
+@pytest.mark.parametrize("index", ["embedded", "redis"])
+def test_a_step_without_its_manifest_can_be_deleted_and_saved_again(
+    make_server, redis_server, tmp_path, index: str
+) -> None:
+    redis_url = redis_server.url if index == "redis" else None
+    data_dir = tmp_path / "nomani"
+    srv = make_server(redis_url, data_dir=data_dir)
+    with CheckpointClient(srv.address) as client:
+        client.save("nomani", 1, {"w": torch.ones(4)})
+        client.commit("nomani", 1)
+    (data_dir / "jobs" / "nomani" / "committed" / f"{1:012d}" / "manifest.json").unlink()
+    srv.stop()
+    srv = make_server(redis_url, data_dir=data_dir)  # recovery cannot index it: only the bytes are left
+    with CheckpointClient(srv.address) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.save("nomani", 1, {"w": torch.zeros(4)})
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        client.delete("nomani", 1)
         client.save("nomani", 1, {"w": torch.zeros(4)})
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    client.delete("nomani", 1)
-    client.save("nomani", 1, {"w": torch.zeros(4)})
-    client.commit("nomani", 1)
-    assert torch.equal(client.load("nomani", 1)["w"], torch.zeros(4))
+        client.commit("nomani", 1)
+        assert torch.equal(client.load("nomani", 1)["w"], torch.zeros(4))
 
 
 def test_bytes_appended_to_a_part_file_are_data_loss(client: CheckpointClient, server, file_holding) -> None:

@@ -132,8 +132,8 @@ def test_zombie_attempt_is_refused_once_a_newer_attempt_exists(server, raw_clien
 
 def test_latest_and_list_racing_delete_never_fail(server) -> None:
     with CheckpointClient(server.address, retries=0) as client:
-        for step in range(1, 21):
-            client.save("lat", step, {"w": torch.full((4,), float(step))}, attempt=0)
+        for step in range(1, 61):
+            client.save("lat", step, {"w": torch.full((4,), float(step))})
             client.commit("lat", step)
         done = threading.Event()
         answers: list[object] = []
@@ -143,17 +143,17 @@ def test_latest_and_list_racing_delete_never_fail(server) -> None:
                 answers.append(client.latest("lat"))
                 answers.append(len(client.list("lat")))
 
-        readers = [threading.Thread(target=hammer) for _ in range(2)]
+        readers = [threading.Thread(target=hammer) for _ in range(4)]
         for t in readers:
             t.start()
         try:
-            for step in range(20, 0, -1):
+            for step in range(60, 0, -1):
                 client.delete("lat", step)
         finally:
             done.set()
             for t in readers:
                 t.join(30)
-        assert len(answers) > 20 and client.latest("lat") is None
+        assert len(answers) > 60 and client.latest("lat") is None
 
 
 @pytest.mark.parametrize("trigger", ["delete", "retention"])
