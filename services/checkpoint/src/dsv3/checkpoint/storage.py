@@ -19,6 +19,7 @@ atomic, so after a crash a checkpoint is either fully committed or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -152,12 +153,17 @@ class Layout:
         return self.jobs / job / "incoming"
 
     def used_bytes(self) -> int:
-        """Bytes stored, streams in flight excluded (they hold quota reservations instead)."""
+        """Bytes stored, streams in flight excluded (they hold quota reservations instead).
+
+        Files may vanish while they are counted (a commit renaming, a delete): those count as gone.
+        """
         total = 0
-        for job_dir in self.jobs.iterdir():
-            for child in job_dir.iterdir() if job_dir.is_dir() else []:
-                if child.name != "incoming":
-                    total += sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+        for top, dirs, files in os.walk(self.jobs):
+            if Path(top).parent == self.jobs:
+                dirs[:] = [d for d in dirs if d != "incoming"]
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(top, name), follow_symlinks=False).st_size
         return total
 
     # ---- parts ----------------------------------------------------------------------------------
