@@ -46,8 +46,9 @@ class Index:
 
     async def rebuild(self, manifests: list[dict[str, Any]] | None = None) -> tuple[int, int]:
         """Make the index equal to the manifests on disk (read now unless given) and mark it."""
+        lost = manifests is None
         async with self._rebuild:
-            if manifests is None and await self._intact():
+            if lost and await self._intact():
                 return 0, 0  # another caller rebuilt it meanwhile
             self._ready.clear()
             try:
@@ -57,9 +58,8 @@ class Index:
                 counts = await self._thread(reconcile, self.store, manifests)
             finally:
                 self._ready.set()
-        log.warning(
-            "index rebuilt from %d manifests on disk (%d added, %d stale removed)", len(manifests), *counts
-        )
+        if lost:
+            log.warning("index lost; rebuilt from %d manifests on disk (%d added)", len(manifests), counts[0])
         return counts
 
     async def _intact(self) -> bool:
@@ -81,11 +81,14 @@ class Index:
     async def steps(self, job: str) -> list[int]:
         return await self._call(self.store.steps, job)
 
-    async def newest(self, job: str) -> dict[str, Any] | None:
-        """The manifest of the newest committed step; a step deleted meanwhile is skipped, not an error."""
+    async def newest(self, job: str, present: Callable[[int], bool]) -> dict[str, Any] | None:
+        """The manifest of the newest step that is indexed and `present` on disk.
+
+        A step deleted meanwhile is skipped, not an error: Latest racing Delete answers the step before.
+        """
         for step in reversed(await self.steps(job)):
             manifest = await self.get(job, step)
-            if manifest is not None:
+            if manifest is not None and present(step):
                 return manifest
         return None
 

@@ -132,6 +132,11 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         self._write_pool = ThreadPoolExecutor(config.max_save_streams, thread_name_prefix="ckpt-write")
         self._job_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
+    def _present(self, job: str, step: int) -> bool:
+        """Whether job@step is committed on disk: an index entry without it (a delete racing an index
+        rebuild, an index write whose reply was lost) is not shown."""
+        return self.layout.committed(job, step).is_dir()
+
     async def _disk(self, fn: Callable[..., T], *args: Any) -> T:
         return await run_to_end(self._data_pool, fn, *args)
 
@@ -249,7 +254,10 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                 if fresh:  # not visible unless indexed: the parts go back to pending, commit can be retried
                     await self._disk(self.layout.uncommit, job, step)
                 raise
-            await self._apply_retention(job)
+            try:
+                await self._apply_retention(job)
+            except Exception as exc:  # committed and indexed all the same; the next commit retries it
+                log.warning("retention of %s deferred: %s", job, exc)
         return manifest
 
     async def _apply_retention(self, job: str) -> None:
@@ -270,14 +278,14 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
             infos = []
             for step in await self.index.steps(job):
                 manifest = await self.index.get(job, step)
-                if manifest is not None:  # deleted meanwhile
+                if manifest is not None and self._present(job, step):  # else deleted meanwhile
                     infos.append(_info(check_manifest(manifest, job, step)))
             return checkpoint_pb2.ListResponse(checkpoints=infos)
 
     async def Latest(self, request, context):
         async with _status_errors(context):
             job = names.check_job(_parsed(request).job)
-            manifest = await self.index.newest(job)
+            manifest = await self.index.newest(job, lambda step: self._present(job, step))
             if manifest is None:
                 return checkpoint_pb2.LatestResponse(found=False)
             manifest = check_manifest(manifest, job, manifest.get("step"))
@@ -299,7 +307,7 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
     async def _manifest_for(self, request: checkpoint_pb2.LoadRequest) -> dict[str, Any]:
         job = names.check_job(request.job)
         if request.latest:
-            manifest = await self.index.newest(job)
+            manifest = await self.index.newest(job, lambda step: self._present(job, step))
             if manifest is None:
                 raise NotFound(f"job {job!r} has no committed checkpoint")
             return check_manifest(manifest, job, manifest.get("step"))
