@@ -216,6 +216,7 @@ class CheckpointClient:
         ]  # step still None: nothing committed yet; the server answers NOT_FOUND (or the newest)
         out: dict[str, torch.Tensor] = {}
         for loaded in self._on_all_streams([lambda stub, r=r: self._load_once(stub, r) for r in requests]):
+            _refuse_twice(out, loaded)
             out.update(loaded)
         return out
 
@@ -228,6 +229,7 @@ class CheckpointClient:
                 return
             if filled != len(buffer):
                 raise ValueError(f"{spec.name}: received {filled} of {len(buffer)} bytes")
+            _refuse_twice(out, {spec.name: None})
             out[spec.name] = buffer.view(tensor_codec.torch_dtype(spec.dtype)).reshape(tuple(spec.shape))
 
         for message in stub.Load(request, timeout=self.stream_timeout):
@@ -244,3 +246,10 @@ class CheckpointClient:
             filled += len(data)
         finish()
         return out
+
+
+def _refuse_twice(have: Mapping[str, object], new: Mapping[str, object]) -> None:
+    """A checkpoint committed before commit refused duplicate names may hold one twice: never pick one."""
+    twice = have.keys() & new.keys()
+    if twice:
+        raise ValueError(f"the checkpoint holds tensor(s) {sorted(twice)[:5]} more than once")
