@@ -142,3 +142,19 @@ def test_index_survives_concurrent_restart_and_commits(make_server, redis_server
     assert committed and set(committed) <= set(listed)
     on_disk = sorted(int(p.name) for p in (srv.data_dir / "jobs" / "churn" / "committed").iterdir())
     assert listed == on_disk
+
+
+def test_client_refuses_a_checkpoint_naming_a_tensor_twice(make_server, redis_server) -> None:
+    """A checkpoint from before commit refused duplicates (here: forged) fails to load; no silent pick."""
+    srv = make_server(redis_server.url)
+    with CheckpointClient(srv.address, streams=1) as client:
+        client.save("twice", 1, {"w": torch.ones(4)})
+        client.commit("twice", 1)
+        index = redis.Redis.from_url(redis_server.url)
+        key = "dsv3:checkpoint:manifest:twice:1"
+        manifest = json.loads(index.get(key))
+        manifest["parts"] = manifest["parts"] * 2
+        index.set(key, json.dumps(manifest))
+        index.close()
+        with pytest.raises(ValueError, match="more than once"):
+            client.load("twice", 1)
