@@ -7,7 +7,11 @@ loop keeps several checkpoints (the service's case), and one file rewritten in p
 pages are recycled, the most favourable case for torch). Loads are timed cold, as after a restart:
 torch's file is evicted from the page cache first (the service writes around the cache, O_DIRECT).
 
-    python benchmarks/bench_checkpoint.py [--gib 1.0] [--dir DIR] [--out benchmarks/out/bench_checkpoint.json]
+Then the same bytes are saved as `--concurrent` parts (default 50) by as many clients at once, one
+stream each, as every rank of a job checkpointing together: the server's peak RSS above idle during
+that burst, and what it holds once the streams have closed, are reported.
+
+    python benchmarks/bench_checkpoint.py [--gib 1.0] [--concurrent 50] [--dir DIR] [--out ...json]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -91,11 +96,44 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
+def _concurrent_saves(address: str, pid: int, tensors: dict[str, torch.Tensor], streams: int) -> dict:
+    """`streams` clients each save one part of `tensors` at the same moment; memory and time of the burst."""
+    pieces = {}  # flat halves of every tensor (views): enough pieces for every stream to have some
+    for name, tensor in tensors.items():
+        for k, piece in enumerate(tensor.reshape(-1).chunk(-(-2 * streams // len(tensors)))):
+            pieces[f"{name}.{k}"] = piece
+    names = list(pieces)
+    parts = [{n: pieces[n] for n in names[i::streams]} for i in range(streams)]
+    parts = [p for p in parts if p]
+    clients = [CheckpointClient(address, streams=1) for _ in parts]
+    idle = psutil.Process(pid).memory_info().rss
+    try:
+        with PeakRss(pid) as mem, ThreadPoolExecutor(len(parts)) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda i: clients[i].save("burst", 0, parts[i], part=i), range(len(parts))))
+            clients[0].commit("burst", 0, num_parts=len(parts))
+            seconds = time.perf_counter() - start
+        time.sleep(0.5)  # the last stream's buffers are handed back after it closes
+        after = psutil.Process(pid).memory_info().rss
+        clients[0].delete("burst", 0)
+    finally:
+        for client in clients:
+            client.close()
+    return {
+        "streams": len(parts),
+        "seconds": seconds,
+        "idle_rss": idle,
+        "peak_rss": mem.peak,
+        "after_rss": after,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--streams", type=int, default=2, help="concurrent gRPC streams of the client")
     parser.add_argument("--repeats", type=int, default=3, help="attempts; the best of each is kept")
+    parser.add_argument("--concurrent", type=int, default=50, help="clients saving one part each at once")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_checkpoint.json"))
     args = parser.parse_args()
@@ -160,6 +198,7 @@ def main() -> None:
                     }
                 )
                 loaded.clear()
+        burst = _concurrent_saves(f"127.0.0.1:{port}", server.pid, tensors, args.concurrent)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -190,6 +229,12 @@ def main() -> None:
         f"server RSS: idle {rows[0]['server_idle_rss'] / mib:.0f} MiB; peak above idle during save "
         f"{peak_save / mib:.0f} MiB, during load {peak_load / mib:.0f} MiB"
     )
+    idle0 = rows[0]["server_idle_rss"]
+    burst_peak, burst_after = burst["peak_rss"] - idle0, burst["after_rss"] - idle0
+    print(
+        f"{burst['streams']} concurrent save streams: {gb / burst['seconds']:.2f} GB/s; server RSS peak "
+        f"above idle {burst_peak / mib:.0f} MiB, {burst_after / mib:.0f} MiB once they closed"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
@@ -199,6 +244,8 @@ def main() -> None:
                 "streams": args.streams,
                 "peak_above_idle_save": peak_save,
                 "peak_above_idle_load": peak_load,
+                "concurrent": burst,
+                "peak_above_idle_concurrent": burst_peak,
             },
             indent=2,
         )

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors import safe_open
 
 from dsv3.checkpoint import CheckpointClient
+from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
 from dsv3.serving.ports import free_port
 
 
@@ -25,11 +27,16 @@ class RedisServer:
     """A throwaway redis-server without persistence (a restart comes back empty)."""
 
     def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._start()
+
+    def _start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        workdir = self.workdir
         self.process = subprocess.Popen(
             [
                 binary,
@@ -64,8 +71,25 @@ class RedisServer:
             client.flushall()
 
     def stop(self) -> None:
-        self.process.terminate()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+            self.process.terminate()
         self.process.wait(timeout=10)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def restart_empty(self) -> None:
+        """Kill it and start a new, empty redis-server on the same port (what a pod restart does)."""
+        self.kill()
+        self._start()
+
+    def pause(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)  # hung: connections are accepted, nothing answers
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
 
 
 class CheckpointServer:
@@ -125,6 +149,19 @@ class CheckpointServer:
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def threads(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/task"))
 
     def stop(self) -> int:
         if self.process and self.process.poll() is None:
@@ -200,3 +237,88 @@ def file_holding() -> Callable[[Path, str], Path]:
         raise AssertionError(f"no stored file in {directory} holds {name}")
 
     return find
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class RawClient:
+    """Speaks the generated protobuf stubs directly: any header field, any chunk, unary bytes."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = checkpoint_pb2_grpc.CheckpointServiceStub(self.channel)
+
+    @staticmethod
+    def requests(
+        header: checkpoint_pb2.SaveHeader, tensors: dict[str, bytes], chunk: int = 64 << 10
+    ) -> Iterator[checkpoint_pb2.SaveRequest]:
+        yield checkpoint_pb2.SaveRequest(header=header)
+        for index, data in enumerate(tensors.values()):
+            crc = 0
+            for offset in range(0, len(data), chunk):
+                piece = data[offset : offset + chunk]
+                crc = zlib.crc32(piece, crc)
+                yield checkpoint_pb2.SaveRequest(
+                    chunk=checkpoint_pb2.SaveChunk(tensor_index=index, offset=offset, data=piece, crc32=crc)
+                )
+
+    @staticmethod
+    def header(job: str, step: int, tensors: dict[str, bytes], **fields) -> checkpoint_pb2.SaveHeader:
+        specs = [
+            tensor_pb2.TensorSpec(name=n, dtype=tensor_pb2.DType.UINT8, shape=[len(d)])
+            for n, d in tensors.items()
+        ]
+        return checkpoint_pb2.SaveHeader(job=job, step=step, tensors=specs, **fields)
+
+    def save(self, job: str, step: int, tensors: dict[str, bytes], timeout: float = 30, **fields):
+        header = self.header(job, step, tensors, **fields)
+        return self.stub.Save(self.requests(header, tensors), timeout=timeout)
+
+    def load(self, job: str, step: int, timeout: float = 30) -> dict[str, bytes]:
+        out: dict[str, bytearray] = {}
+        name = None
+        for message in self.stub.Load(checkpoint_pb2.LoadRequest(job=job, step=step), timeout=timeout):
+            if message.WhichOneof("kind") == "tensor":
+                name = message.tensor.name
+                out[name] = bytearray()
+            else:
+                out[name] += message.data
+        return {k: bytes(v) for k, v in out.items()}
+
+    def unary(self, method: str, payload: bytes, timeout: float = 10) -> bytes:
+        call = self.channel.unary_unary(
+            f"/dsv3.rpc.v1.CheckpointService/{method}",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        return call(payload, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@pytest.fixture
+def raw_client() -> Iterator[Callable[[str], RawClient]]:
+    """Factory of `RawClient`s for a server address; all are closed at teardown."""
+    made: list[RawClient] = []
+
+    def make(address: str) -> RawClient:
+        made.append(RawClient(address))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def poll() -> Callable[..., None]:
+    """`poll(condition, timeout, what)`: wait until `condition()` holds (see `wait_until`)."""
+    return wait_until

@@ -46,7 +46,9 @@ def _chunk(data: bytes, offset: int = 0, index: int = 0, crc: int | None = None)
     )
 
 
-@pytest.mark.parametrize("job", ["../escape", "a/b", "a\x00b", "..", ".hidden", "", "x" * 200, "a\\b"])
+@pytest.mark.parametrize(
+    "job", ["../escape", "a/b", "a\x00b", "..", ".hidden", "", "x" * 200, "a\\b", "job\n", "\njob"]
+)
 def test_path_tricks_in_job_ids(shared_client: CheckpointClient, shared_server, job: str) -> None:
     before = _files(shared_server.data_dir)
     assert _code(lambda: shared_client.save(job, 1, {"w": torch.ones(2)})) == grpc.StatusCode.INVALID_ARGUMENT
@@ -206,3 +208,92 @@ def test_flipped_header_byte_or_missing_file_is_data_loss(
         shared_client.load("hdr", 1)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
     assert f"{part.name} is missing" in err.value.details()
+
+
+def test_long_job_ids_are_not_echoed(shared_client: CheckpointClient) -> None:
+    job = "j" * 1_000_000
+    for call in (lambda: shared_client.latest(job), lambda: shared_client.commit(job, 1)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(err.value.details()) < 300 and "1000000 characters" in err.value.details()
+
+
+@pytest.mark.parametrize("method", ["List", "Latest", "Commit", "Delete", "Load"])
+def test_invalid_utf8_is_invalid_argument(shared_server, raw_client, method: str) -> None:
+    raw = raw_client(shared_server.address)
+    request = {
+        "List": checkpoint_pb2.ListRequest(job="ab"),
+        "Latest": checkpoint_pb2.LatestRequest(job="ab"),
+        "Commit": checkpoint_pb2.CommitRequest(job="ab", step=1, num_parts=1),
+        "Delete": checkpoint_pb2.DeleteRequest(job="ab", step=1),
+        "Load": checkpoint_pb2.LoadRequest(job="ab", step=1),
+    }[method]
+    payload = request.SerializeToString().replace(b"ab", b"\xff\xfe")
+    if method == "Load":
+        call = raw.channel.unary_stream(
+            "/dsv3.rpc.v1.CheckpointService/Load", request_serializer=bytes, response_deserializer=bytes
+        )
+        code = _code(lambda: list(call(payload, timeout=10)))
+    else:
+        code = _code(lambda: raw.unary(method, payload))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_chunk_for_a_tensor_past_the_header(shared_server) -> None:
+    before = _files(shared_server.data_dir)
+    header = checkpoint_pb2.SaveHeader(job="raw", step=1, tensors=[_spec()])
+    chunks = [_chunk(b"\0" * 16), _chunk(b"\0" * 4, index=1)]
+    code = _code(lambda: _raw_save(shared_server.address, header, chunks))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert _files(shared_server.data_dir) == before
+
+
+def test_same_tensor_name_in_two_parts_is_refused_at_commit(shared_client: CheckpointClient) -> None:
+    shared_client.save("dup", 1, {"w": torch.ones(2), "a": torch.ones(1)}, part=0)
+    shared_client.save("dup", 1, {"w": torch.zeros(2)}, part=1)
+    with pytest.raises(grpc.RpcError) as err:
+        shared_client.commit("dup", 1, num_parts=2)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'w'" in err.value.details()
+    assert shared_client.list("dup") == []
+
+
+@pytest.mark.parametrize("index", ["embedded", "redis"])
+def test_a_step_without_its_manifest_can_be_deleted_and_saved_again(
+    make_server, redis_server, tmp_path, index: str
+) -> None:
+    redis_url = redis_server.url if index == "redis" else None
+    data_dir = tmp_path / "nomani"
+    srv = make_server(redis_url, data_dir=data_dir)
+    with CheckpointClient(srv.address) as client:
+        client.save("nomani", 1, {"w": torch.ones(4)})
+        client.commit("nomani", 1)
+    (data_dir / "jobs" / "nomani" / "committed" / f"{1:012d}" / "manifest.json").unlink()
+    srv.stop()
+    srv = make_server(redis_url, data_dir=data_dir)  # recovery cannot index it: only the bytes are left
+    with CheckpointClient(srv.address) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.save("nomani", 1, {"w": torch.zeros(4)})
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        client.delete("nomani", 1)
+        client.save("nomani", 1, {"w": torch.zeros(4)})
+        client.commit("nomani", 1)
+        assert torch.equal(client.load("nomani", 1)["w"], torch.zeros(4))
+
+
+def test_bytes_appended_to_a_part_file_are_data_loss(client: CheckpointClient, server, file_holding) -> None:
+    client.save("append", 1, {"w": torch.randn(256)})
+    client.commit("append", 1)
+    part = file_holding(server.data_dir / "jobs" / "append" / "committed" / f"{1:012d}", "w")
+    with open(part, "ab") as handle:
+        handle.write(b"extra")
+    with pytest.raises(grpc.RpcError) as err:
+        client.load("append", 1)
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS and part.name in err.value.details()
+
+
+def test_delete_discards_uncommitted_parts(shared_client: CheckpointClient, shared_server) -> None:
+    shared_client.save("discard", 3, {"w": torch.ones(4)})
+    shared_client.delete("discard", 3)
+    assert not (shared_server.data_dir / "jobs" / "discard" / "pending" / "3").exists()
+    assert _code(lambda: shared_client.commit("discard", 3)) == grpc.StatusCode.NOT_FOUND

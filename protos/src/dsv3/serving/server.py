@@ -31,13 +31,16 @@ class ServiceServer:
         host: str,
         port: int,
         max_message_bytes: int = 16 << 20,
+        options: Sequence[tuple[str, int | str]] = (),
     ) -> None:
-        options = [
+        """`options`: further gRPC channel arguments (e.g. HTTP/2 flow control) for this server."""
+        channel_args = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
+            *options,
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=channel_args)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for register in registrars:

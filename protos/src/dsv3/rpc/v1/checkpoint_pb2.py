@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dsv3.rpc.v1 import tensor_pb2 as dsv3_dot_rpc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64sv3/rpc/v1/checkpoint.proto\x12\x0b\x64sv3.rpc.v1\x1a\x18\x64sv3/rpc/v1/tensor.proto\"\xf0\x01\n\nSaveHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04part\x18\x03 \x01(\x05\x12(\n\x07tensors\x18\x04 \x03(\x0b\x32\x17.dsv3.rpc.v1.TensorSpec\x12\x37\n\x08metadata\x18\x05 \x03(\x0b\x32%.dsv3.rpc.v1.SaveHeader.MetadataEntry\x12\x0f\n\x07segment\x18\x06 \x01(\r\x12\x14\n\x0cnum_segments\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\tSaveChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"i\n\x0bSaveRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.dsv3.rpc.v1.SaveHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.dsv3.rpc.v1.SaveChunkH\x00\x42\x06\n\x04kind\"%\n\x0cSaveResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"\xaa\x01\n\rCommitRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\tnum_parts\x18\x03 \x01(\x05\x12:\n\x08metadata\x18\x04 \x03(\x0b\x32(.dsv3.rpc.v1.CommitRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x08PartInfo\x12\x0c\n\x04part\x18\x01 \x01(\x05\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cheader_crc32\x18\x04 \x01(\r\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\r\x12\x14\n\x0cnum_segments\x18\x07 \x01(\r\"\xef\x01\n\x0e\x43heckpointInfo\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12$\n\x05parts\x18\x03 \x03(\x0b\x32\x15.dsv3.rpc.v1.PartInfo\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).dsv3.rpc.v1.CheckpointInfo.MetadataEntry\x12\x19\n\x11\x63ommitted_unix_ms\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0e\x43ommitResponse\x12/\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1b.dsv3.rpc.v1.CheckpointInfo\"\x1a\n\x0bListRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"@\n\x0cListResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.dsv3.rpc.v1.CheckpointInfo\"\x1c\n\rLatestRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"P\n\x0eLatestResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12/\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1b.dsv3.rpc.v1.CheckpointInfo\"j\n\x0bLoadRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\r\n\x05names\x18\x04 \x03(\t\x12\r\n\x05shard\x18\x05 \x01(\r\x12\x12\n\nnum_shards\x18\x06 \x01(\r\"Q\n\x0cLoadResponse\x12)\n\x06tensor\x18\x01 \x01(\x0b\x32\x17.dsv3.rpc.v1.TensorSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"*\n\rDeleteRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\x10\n\x0e\x44\x65leteResponse2\x97\x03\n\x11\x43heckpointService\x12=\n\x04Save\x12\x18.dsv3.rpc.v1.SaveRequest\x1a\x19.dsv3.rpc.v1.SaveResponse(\x01\x12\x41\n\x06\x43ommit\x12\x1a.dsv3.rpc.v1.CommitRequest\x1a\x1b.dsv3.rpc.v1.CommitResponse\x12;\n\x04List\x12\x18.dsv3.rpc.v1.ListRequest\x1a\x19.dsv3.rpc.v1.ListResponse\x12\x41\n\x06Latest\x12\x1a.dsv3.rpc.v1.LatestRequest\x1a\x1b.dsv3.rpc.v1.LatestResponse\x12=\n\x04Load\x12\x18.dsv3.rpc.v1.LoadRequest\x1a\x19.dsv3.rpc.v1.LoadResponse0\x01\x12\x41\n\x06\x44\x65lete\x12\x1a.dsv3.rpc.v1.DeleteRequest\x1a\x1b.dsv3.rpc.v1.DeleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64sv3/rpc/v1/checkpoint.proto\x12\x0b\x64sv3.rpc.v1\x1a\x18\x64sv3/rpc/v1/tensor.proto\"\x81\x02\n\nSaveHeader\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04part\x18\x03 \x01(\x05\x12(\n\x07tensors\x18\x04 \x03(\x0b\x32\x17.dsv3.rpc.v1.TensorSpec\x12\x37\n\x08metadata\x18\x05 \x03(\x0b\x32%.dsv3.rpc.v1.SaveHeader.MetadataEntry\x12\x0f\n\x07segment\x18\x06 \x01(\r\x12\x14\n\x0cnum_segments\x18\x07 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\tSaveChunk\x12\x14\n\x0ctensor_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"i\n\x0bSaveRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.dsv3.rpc.v1.SaveHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.dsv3.rpc.v1.SaveChunkH\x00\x42\x06\n\x04kind\"%\n\x0cSaveResponse\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"\xaa\x01\n\rCommitRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\tnum_parts\x18\x03 \x01(\x05\x12:\n\x08metadata\x18\x04 \x03(\x0b\x32(.dsv3.rpc.v1.CommitRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9d\x01\n\x08PartInfo\x12\x0c\n\x04part\x18\x01 \x01(\x05\x12\x0c\n\x04\x66ile\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x14\n\x0cheader_crc32\x18\x04 \x01(\r\x12\x13\n\x0bnum_tensors\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\r\x12\x14\n\x0cnum_segments\x18\x07 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x04\"\xef\x01\n\x0e\x43heckpointInfo\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12$\n\x05parts\x18\x03 \x03(\x0b\x32\x15.dsv3.rpc.v1.PartInfo\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12;\n\x08metadata\x18\x05 \x03(\x0b\x32).dsv3.rpc.v1.CheckpointInfo.MetadataEntry\x12\x19\n\x11\x63ommitted_unix_ms\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0e\x43ommitResponse\x12/\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x1b.dsv3.rpc.v1.CheckpointInfo\"\x1a\n\x0bListRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"@\n\x0cListResponse\x12\x30\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1b.dsv3.rpc.v1.CheckpointInfo\"\x1c\n\rLatestRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"P\n\x0eLatestResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12/\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x1b.dsv3.rpc.v1.CheckpointInfo\"j\n\x0bLoadRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\r\n\x05names\x18\x04 \x03(\t\x12\r\n\x05shard\x18\x05 \x01(\r\x12\x12\n\nnum_shards\x18\x06 \x01(\r\"Q\n\x0cLoadResponse\x12)\n\x06tensor\x18\x01 \x01(\x0b\x32\x17.dsv3.rpc.v1.TensorSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"*\n\rDeleteRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\x10\n\x0e\x44\x65leteResponse2\x97\x03\n\x11\x43heckpointService\x12=\n\x04Save\x12\x18.dsv3.rpc.v1.SaveRequest\x1a\x19.dsv3.rpc.v1.SaveResponse(\x01\x12\x41\n\x06\x43ommit\x12\x1a.dsv3.rpc.v1.CommitRequest\x1a\x1b.dsv3.rpc.v1.CommitResponse\x12;\n\x04List\x12\x18.dsv3.rpc.v1.ListRequest\x1a\x19.dsv3.rpc.v1.ListResponse\x12\x41\n\x06Latest\x12\x1a.dsv3.rpc.v1.LatestRequest\x1a\x1b.dsv3.rpc.v1.LatestResponse\x12=\n\x04Load\x12\x18.dsv3.rpc.v1.LoadRequest\x1a\x19.dsv3.rpc.v1.LoadResponse0\x01\x12\x41\n\x06\x44\x65lete\x12\x1a.dsv3.rpc.v1.DeleteRequest\x1a\x1b.dsv3.rpc.v1.DeleteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,43 +39,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKPOINTINFO_METADATAENTRY']._loaded_options = None
   _globals['_CHECKPOINTINFO_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_SAVEHEADER']._serialized_start=72
-  _globals['_SAVEHEADER']._serialized_end=312
-  _globals['_SAVEHEADER_METADATAENTRY']._serialized_start=265
-  _globals['_SAVEHEADER_METADATAENTRY']._serialized_end=312
-  _globals['_SAVECHUNK']._serialized_start=314
-  _globals['_SAVECHUNK']._serialized_end=392
-  _globals['_SAVEREQUEST']._serialized_start=394
-  _globals['_SAVEREQUEST']._serialized_end=499
-  _globals['_SAVERESPONSE']._serialized_start=501
-  _globals['_SAVERESPONSE']._serialized_end=538
-  _globals['_COMMITREQUEST']._serialized_start=541
-  _globals['_COMMITREQUEST']._serialized_end=711
-  _globals['_COMMITREQUEST_METADATAENTRY']._serialized_start=265
-  _globals['_COMMITREQUEST_METADATAENTRY']._serialized_end=312
-  _globals['_PARTINFO']._serialized_start=714
-  _globals['_PARTINFO']._serialized_end=854
-  _globals['_CHECKPOINTINFO']._serialized_start=857
-  _globals['_CHECKPOINTINFO']._serialized_end=1096
-  _globals['_CHECKPOINTINFO_METADATAENTRY']._serialized_start=265
-  _globals['_CHECKPOINTINFO_METADATAENTRY']._serialized_end=312
-  _globals['_COMMITRESPONSE']._serialized_start=1098
-  _globals['_COMMITRESPONSE']._serialized_end=1163
-  _globals['_LISTREQUEST']._serialized_start=1165
-  _globals['_LISTREQUEST']._serialized_end=1191
-  _globals['_LISTRESPONSE']._serialized_start=1193
-  _globals['_LISTRESPONSE']._serialized_end=1257
-  _globals['_LATESTREQUEST']._serialized_start=1259
-  _globals['_LATESTREQUEST']._serialized_end=1287
-  _globals['_LATESTRESPONSE']._serialized_start=1289
-  _globals['_LATESTRESPONSE']._serialized_end=1369
-  _globals['_LOADREQUEST']._serialized_start=1371
-  _globals['_LOADREQUEST']._serialized_end=1477
-  _globals['_LOADRESPONSE']._serialized_start=1479
-  _globals['_LOADRESPONSE']._serialized_end=1560
-  _globals['_DELETEREQUEST']._serialized_start=1562
-  _globals['_DELETEREQUEST']._serialized_end=1604
-  _globals['_DELETERESPONSE']._serialized_start=1606
-  _globals['_DELETERESPONSE']._serialized_end=1622
-  _globals['_CHECKPOINTSERVICE']._serialized_start=1625
-  _globals['_CHECKPOINTSERVICE']._serialized_end=2032
+  _globals['_SAVEHEADER']._serialized_end=329
+  _globals['_SAVEHEADER_METADATAENTRY']._serialized_start=282
+  _globals['_SAVEHEADER_METADATAENTRY']._serialized_end=329
+  _globals['_SAVECHUNK']._serialized_start=331
+  _globals['_SAVECHUNK']._serialized_end=409
+  _globals['_SAVEREQUEST']._serialized_start=411
+  _globals['_SAVEREQUEST']._serialized_end=516
+  _globals['_SAVERESPONSE']._serialized_start=518
+  _globals['_SAVERESPONSE']._serialized_end=555
+  _globals['_COMMITREQUEST']._serialized_start=558
+  _globals['_COMMITREQUEST']._serialized_end=728
+  _globals['_COMMITREQUEST_METADATAENTRY']._serialized_start=282
+  _globals['_COMMITREQUEST_METADATAENTRY']._serialized_end=329
+  _globals['_PARTINFO']._serialized_start=731
+  _globals['_PARTINFO']._serialized_end=888
+  _globals['_CHECKPOINTINFO']._serialized_start=891
+  _globals['_CHECKPOINTINFO']._serialized_end=1130
+  _globals['_CHECKPOINTINFO_METADATAENTRY']._serialized_start=282
+  _globals['_CHECKPOINTINFO_METADATAENTRY']._serialized_end=329
+  _globals['_COMMITRESPONSE']._serialized_start=1132
+  _globals['_COMMITRESPONSE']._serialized_end=1197
+  _globals['_LISTREQUEST']._serialized_start=1199
+  _globals['_LISTREQUEST']._serialized_end=1225
+  _globals['_LISTRESPONSE']._serialized_start=1227
+  _globals['_LISTRESPONSE']._serialized_end=1291
+  _globals['_LATESTREQUEST']._serialized_start=1293
+  _globals['_LATESTREQUEST']._serialized_end=1321
+  _globals['_LATESTRESPONSE']._serialized_start=1323
+  _globals['_LATESTRESPONSE']._serialized_end=1403
+  _globals['_LOADREQUEST']._serialized_start=1405
+  _globals['_LOADREQUEST']._serialized_end=1511
+  _globals['_LOADRESPONSE']._serialized_start=1513
+  _globals['_LOADRESPONSE']._serialized_end=1594
+  _globals['_DELETEREQUEST']._serialized_start=1596
+  _globals['_DELETEREQUEST']._serialized_end=1638
+  _globals['_DELETERESPONSE']._serialized_start=1640
+  _globals['_DELETERESPONSE']._serialized_end=1656
+  _globals['_CHECKPOINTSERVICE']._serialized_start=1659
+  _globals['_CHECKPOINTSERVICE']._serialized_end=2066
 # @@protoc_insertion_point(module_scope)

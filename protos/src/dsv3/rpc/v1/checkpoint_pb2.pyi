@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SaveHeader(_message.Message):
-    __slots__ = ("job", "step", "part", "tensors", "metadata", "segment", "num_segments")
+    __slots__ = ("job", "step", "part", "tensors", "metadata", "segment", "num_segments", "attempt")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class SaveHeader(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
     part: int
@@ -30,7 +31,8 @@ class SaveHeader(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     segment: int
     num_segments: int
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., part: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., segment: _Optional[int] = ..., num_segments: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., part: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., segment: _Optional[int] = ..., num_segments: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class SaveChunk(_message.Message):
     __slots__ = ("tensor_index", "offset", "data", "crc32")
@@ -78,7 +80,7 @@ class CommitRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., num_parts: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PartInfo(_message.Message):
-    __slots__ = ("part", "file", "size_bytes", "header_crc32", "num_tensors", "segment", "num_segments")
+    __slots__ = ("part", "file", "size_bytes", "header_crc32", "num_tensors", "segment", "num_segments", "attempt")
     PART_FIELD_NUMBER: _ClassVar[int]
     FILE_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +88,7 @@ class PartInfo(_message.Message):
     NUM_TENSORS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     NUM_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     part: int
     file: str
     size_bytes: int
@@ -93,7 +96,8 @@ class PartInfo(_message.Message):
     num_tensors: int
     segment: int
     num_segments: int
-    def __init__(self, part: _Optional[int] = ..., file: _Optional[str] = ..., size_bytes: _Optional[int] = ..., header_crc32: _Optional[int] = ..., num_tensors: _Optional[int] = ..., segment: _Optional[int] = ..., num_segments: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, part: _Optional[int] = ..., file: _Optional[str] = ..., size_bytes: _Optional[int] = ..., header_crc32: _Optional[int] = ..., num_tensors: _Optional[int] = ..., segment: _Optional[int] = ..., num_segments: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
     __slots__ = ("job", "step", "parts", "total_bytes", "metadata", "committed_unix_ms")

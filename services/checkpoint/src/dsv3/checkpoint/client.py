@@ -151,9 +151,16 @@ class CheckpointClient:
         tensors: Mapping[str, torch.Tensor],
         part: int = 0,
         metadata: Mapping[str, object] | None = None,
+        attempt: int | None = None,
     ) -> int:
-        """Store one part of (job, step); returns the bytes written. Invisible until `commit`."""
+        """Store one part of (job, step); returns the bytes written. Invisible until `commit`.
+
+        `attempt` orders concurrent or repeated saves of one part: the server refuses (ABORTED) a save
+        once a newer attempt of the part exists. Pass the job's restart count for a strict order
+        across hosts; the default, the wall clock in nanoseconds, makes the newest save win.
+        """
         names = list(tensors)
+        attempt = time.time_ns() if attempt is None else attempt
         sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
         segments = group(names, balanced_runs(sizes, min(self.streams, len(names)) or 1)) or [[]]
         text_metadata = {k: str(v) for k, v in (metadata or {}).items()}
@@ -171,6 +178,7 @@ class CheckpointClient:
                 metadata=text_metadata,
                 segment=index,
                 num_segments=len(segments) if len(segments) > 1 else 0,
+                attempt=attempt,
             )
             return lambda stub: stub.Save(self._save_requests(header, values), timeout=self.stream_timeout)
 
@@ -218,6 +226,7 @@ class CheckpointClient:
         ]  # step still None: nothing committed yet; the server answers NOT_FOUND (or the newest)
         out: dict[str, torch.Tensor] = {}
         for loaded in self._on_all_streams([lambda stub, r=r: self._load_once(stub, r) for r in requests]):
+            _refuse_twice(out, loaded)
             out.update(loaded)
         return out
 
@@ -230,6 +239,7 @@ class CheckpointClient:
                 return
             if filled != len(buffer):
                 raise ValueError(f"{spec.name}: received {filled} of {len(buffer)} bytes")
+            _refuse_twice(out, {spec.name: None})
             out[spec.name] = buffer.view(tensor_codec.torch_dtype(spec.dtype)).reshape(tuple(spec.shape))
 
         for message in stub.Load(request, timeout=self.stream_timeout):
@@ -246,3 +256,10 @@ class CheckpointClient:
             filled += len(data)
         finish()
         return out
+
+
+def _refuse_twice(have: Mapping[str, object], new: Mapping[str, object]) -> None:
+    """A checkpoint committed before commit refused duplicate names may hold one twice: never pick one."""
+    twice = have.keys() & new.keys()
+    if twice:
+        raise ValueError(f"the checkpoint holds tensor(s) {sorted(twice)[:5]} more than once")

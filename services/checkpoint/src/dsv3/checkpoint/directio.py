@@ -17,7 +17,7 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,7 +48,14 @@ class DirectWriter:
     Errors of a background write (ENOSPC, EIO) surface from the next `write` or from `close`.
     """
 
-    def __init__(self, path: Path, buffer_bytes: int = 8 << 20, direct: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        buffer_bytes: int = 8 << 20,
+        direct: bool = True,
+        executor: Executor | None = None,
+    ) -> None:
+        """`executor`: where background writes run (shared by many writers); default, a thread of its own."""
         if buffer_bytes <= 0 or buffer_bytes % ALIGNMENT:
             raise ValueError(f"buffer_bytes must be a positive multiple of {ALIGNMENT}")
         self.path = path
@@ -57,7 +64,8 @@ class DirectWriter:
         self._buffers = [mmap.mmap(-1, buffer_bytes), mmap.mmap(-1, buffer_bytes)]
         self._active = 0
         self._filled = 0
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="direct-write")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="direct-write")
         self._in_flight: Future[None] | None = None
 
     def write(self, data: bytes | memoryview) -> None:
@@ -106,7 +114,10 @@ class DirectWriter:
         self._release()
 
     def _release(self) -> None:
-        self._executor.shutdown(wait=True)
+        with contextlib.suppress(BaseException):
+            self._wait()  # a write still in flight must not outlive the descriptor
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -130,33 +141,51 @@ def read_range(
     cache nor allocates more than one chunk ahead. Each piece is `copy(view)` of that buffer: the view
     is only valid during the call, so `copy` must copy (it may frame or checksum the bytes too).
     """
-    if chunk_bytes <= 0:
-        raise ValueError("chunk_bytes must be > 0")
     fd, direct = _open(path, os.O_RDONLY, direct)
     try:
-        span = -(-chunk_bytes // ALIGNMENT) * ALIGNMENT + ALIGNMENT
-        with mmap.mmap(-1, span) as buffer:
-            view = memoryview(buffer)
-            try:
-                position, end = offset, offset + nbytes
-                while position < end:
-                    start = position - position % ALIGNMENT if direct else position
-                    want = min(end - position, chunk_bytes)
-                    length = position + want - start
-                    if direct:
-                        length = -(-length // ALIGNMENT) * ALIGNMENT
-                    got = os.preadv(fd, [view[:length]], start)
-                    skip = position - start
-                    available = min(got - skip, want)
-                    if available <= 0:
-                        raise EOFError(f"{path.name}: ends at byte {start + got}, expected {end}")
-                    piece = view[skip : skip + available]
-                    try:
-                        yield copy(piece)
-                    finally:
-                        piece.release()
-                    position += available
-            finally:
-                view.release()
+        yield from read_fd_range(fd, direct, offset, nbytes, chunk_bytes, copy, label=path.name)
     finally:
         os.close(fd)
+
+
+def open_for_reading(path: Path, direct: bool = True) -> tuple[int, bool]:
+    """A read-only descriptor of `path` (O_DIRECT where supported) and whether O_DIRECT is on."""
+    return _open(path, os.O_RDONLY, direct)
+
+
+def read_fd_range(
+    fd: int,
+    direct: bool,
+    offset: int,
+    nbytes: int,
+    chunk_bytes: int,
+    copy: Callable[[memoryview], T] = bytes,
+    label: str = "file",
+) -> Iterator[T]:
+    """`read_range` over a descriptor the caller owns (it keeps reading a file unlinked meanwhile)."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be > 0")
+    span = -(-chunk_bytes // ALIGNMENT) * ALIGNMENT + ALIGNMENT
+    with mmap.mmap(-1, span) as buffer:
+        view = memoryview(buffer)
+        try:
+            position, end = offset, offset + nbytes
+            while position < end:
+                start = position - position % ALIGNMENT if direct else position
+                want = min(end - position, chunk_bytes)
+                length = position + want - start
+                if direct:
+                    length = -(-length // ALIGNMENT) * ALIGNMENT
+                got = os.preadv(fd, [view[:length]], start)
+                skip = position - start
+                available = min(got - skip, want)
+                if available <= 0:
+                    raise EOFError(f"{label}: ends at byte {start + got}, expected {end}")
+                piece = view[skip : skip + available]
+                try:
+                    yield copy(piece)
+                finally:
+                    piece.release()
+                position += available
+        finally:
+            view.release()

@@ -1,37 +1,43 @@
-"""On-disk layout of checkpoints: safetensors part files, manifests, atomic commit, crash recovery.
+"""On-disk layout of checkpoints: publishing parts, atomic commit, deletion, crash recovery.
 
-    <data_dir>/jobs/<job>/pending/<step>/part-00000.safetensors   parts being gathered (invisible);
-        a part saved over N streams is N files, part-00000-s000-of-004.safetensors ...
-    <data_dir>/jobs/<job>/committed/<step:012d>/                   a committed checkpoint:
-        part-*.safetensors, manifest.json (every part, tensor, offset and CRC-32)
-    <data_dir>/jobs/<job>/trash/                                   deletions in progress
+    <data_dir>/jobs/<job>/incoming/<step>-<file>.tmp          Save streams being written (never inside
+                                                              a checkpoint directory)
+    <data_dir>/jobs/<job>/pending/<step>/part-00000.json      a published part's record, naming its
+                                                              data file part-00000.<tag>.safetensors
+        (a part saved over N streams: part-00000-s000-of-004.json ... one record and file per stream)
+    <data_dir>/jobs/<job>/committed/<step:012d>/              a committed checkpoint: its data files
+                                                              and records, manifest.json
+    <data_dir>/jobs/<job>/trash/                              deletions in progress
 
-Commit writes manifest.json into the pending directory, fsyncs it, then renames the directory into
-committed/: a rename is atomic, so after a crash a checkpoint is either fully committed or not at
-all. Every byte of a part file is covered by a checksum in its manifest: the header by
-`header_crc32`, each tensor by its own `crc32` (so a selective load verifies only what it reads).
+A part is one unit: its data file gets a name unique to the save that wrote it, and its record
+(every CRC) names that file. Publishing renames the data file in, then atomically replaces the
+record, both under the step's lock (`steps.StepRegistry`); the bytes and checksums of a part
+therefore always come from one save. Commit holds the same lock, re-checks every record against its
+file, writes manifest.json, fsyncs it and renames the directory into committed/: a rename is
+atomic, so after a crash a checkpoint is either fully committed or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
-import re
 import shutil
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsv3.checkpoint import checksum
-from dsv3.checkpoint.directio import DirectWriter, read_range
-from dsv3.checkpoint.names import InvalidRequest
+from dsv3.checkpoint.names import quoted
+from dsv3.checkpoint.partfile import RECORD_FILE, PartWriter
+from dsv3.checkpoint.steps import StepRegistry, Superseded
 from dsv3.serving import dtypes
 
 MANIFEST = "manifest.json"
+NAMED = 5  # at most this many missing parts or duplicate names are named in an error
 
 
 class CorruptData(Exception):
@@ -46,7 +52,7 @@ class WrongState(Exception):
     """The request is valid but the checkpoint is not in a state that allows it (FAILED_PRECONDITION)."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -61,168 +67,81 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: int
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return dtypes.nbytes(self.dtype, self.shape)
+def read_manifest(directory: Path) -> dict[str, Any]:
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if not isinstance(manifest, dict) or not {"job", "step", "parts"} <= manifest.keys():
+        raise ValueError(f"{directory / MANIFEST} lacks job/step/parts")
+    return manifest
 
 
-def _safetensors_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for entry in entries:
-        header[entry.name] = {
-            "dtype": dtypes.safetensors_dtype(entry.dtype),
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + entry.nbytes],
+def _records(pending: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in pending.glob("part-*.json"):
+        if RECORD_FILE.fullmatch(path.name):
+            record = json.loads(path.read_text())
+            record["_record"] = path.name
+            records.append(record)
+    return records
+
+
+def _newest_attempts(records: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Per part, the records of its newest attempt only (older attempts are superseded)."""
+    by_part: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        by_part.setdefault(record["part"], []).append(record)
+    for part, group in by_part.items():
+        newest = max(r.get("attempt", 0) for r in group)
+        by_part[part] = [r for r in group if r.get("attempt", 0) == newest]
+    return by_part
+
+
+def _complete_segments(label: str, segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A part's segment records in order, if they are one consistent, complete, name-unique set."""
+    counts = {s.get("num_segments", 1) for s in segments}
+    if len(counts) != 1:
+        raise WrongState(f"{label} was saved with different segment counts {sorted(counts)}; save it again")
+    (count,) = counts
+    have = sorted(s.get("segment", 0) for s in segments)
+    if have != list(range(count)):
+        raise WrongState(f"{label}: segments {have[:NAMED]} of {count} have been saved")
+    return sorted(segments, key=lambda s: s.get("segment", 0))
+
+
+def check_part_file(path: Path, record: dict[str, Any]) -> None:
+    """CorruptData unless `path` holds exactly the bytes `record` describes: size, header, tensor table."""
+    if not path.is_file() or path.stat().st_size != record["size_bytes"]:
+        raise CorruptData(f"{path.name}: missing or not {record['size_bytes']} bytes")
+    with open(path, "rb") as handle:
+        raw = handle.read(record["header_bytes"])
+    if checksum.crc32(raw) != record["header_crc32"]:
+        raise CorruptData(f"{path.name}: header checksum mismatch")
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header.pop("__metadata__", None)
+    base = record["header_bytes"]
+    table = {
+        t["name"]: {
+            "dtype": dtypes.safetensors_dtype(t["dtype"]),
+            "shape": t["shape"],
+            "data_offsets": [t["offset"] - base, t["offset"] - base + t["nbytes"]],
         }
-        offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8-byte alignment
-    return struct.pack("<Q", len(raw)) + raw
-
-
-_PART_FILE = re.compile(r"^part-(\d+)(?:-s(\d+)-of-(\d+))?\.json$")
-
-
-def part_stem(part: int, segment: int = 0, num_segments: int = 1) -> str:
-    """File name stem of a part, or of one segment of a part saved over several streams."""
-    if num_segments <= 1:
-        return f"part-{part:05d}"
-    return f"part-{part:05d}-s{segment:03d}-of-{num_segments:03d}"
-
-
-class PartWriter:
-    """Streams one part's (or segment's) tensors into a temporary safetensors file, checking each chunk."""
-
-    def __init__(
-        self,
-        directory: Path,
-        part: int,
-        entries: list[TensorEntry],
-        metadata: dict[str, str],
-        segment: int = 0,
-        num_segments: int = 1,
-    ) -> None:
-        names = [e.name for e in entries]
-        if len(set(names)) != len(names):
-            raise InvalidRequest("tensor names within a part must be unique")
-        self.directory = directory
-        self.part = part
-        self.segment = segment
-        self.num_segments = num_segments
-        self.entries = entries
-        self.metadata = metadata
-        self.stem = part_stem(part, segment, num_segments)
-        self.final = directory / f"{self.stem}.safetensors"
-        self.tmp = directory / f".{self.stem}.{uuid.uuid4().hex}.tmp"
-        self.header = _safetensors_header(entries, metadata)
-        self.received = [0] * len(entries)
-        self.crcs = [0] * len(entries)
-        self.current = 0
-        directory.mkdir(parents=True, exist_ok=True)
-        self.file: DirectWriter | None = DirectWriter(self.tmp)
-        self.file.write(self.header)
-
-    @property
-    def total_bytes(self) -> int:
-        return len(self.header) + sum(e.nbytes for e in self.entries)
-
-    def write_chunk(self, index: int, offset: int, data: bytes, crc32: int) -> None:
-        """Append the next bytes of tensor `index`; chunks must come in file order."""
-        while (
-            self.current < len(self.entries)
-            and self.received[self.current] == self.entries[self.current].nbytes
-        ):
-            self.current += 1
-        if index != self.current:
-            raise InvalidRequest(
-                f"chunk for tensor #{index} but tensor #{self.current} is incomplete or next"
-            )
-        entry = self.entries[index]
-        if offset != self.received[index]:
-            raise InvalidRequest(f"{entry.name}: chunk offset {offset}, expected {self.received[index]}")
-        if offset + len(data) > entry.nbytes:
-            raise InvalidRequest(
-                f"{entry.name}: {offset + len(data)} bytes sent, tensor holds {entry.nbytes}"
-            )
-        running = checksum.crc32(data, self.crcs[index])
-        if running != crc32:
-            raise InvalidRequest(f"{entry.name}: checksum mismatch in chunk at offset {offset}")
-        assert self.file is not None, "write_chunk after finish/abort"
-        self.file.write(data)
-        self.crcs[index] = running
-        self.received[index] += len(data)
-
-    def finish(self) -> dict[str, Any]:
-        """fsync, move into place and return the part's manifest entry."""
-        incomplete = [e.name for e, got in zip(self.entries, self.received, strict=True) if got != e.nbytes]
-        if incomplete:
-            raise InvalidRequest(f"stream ended before these tensors were complete: {incomplete[:5]}")
-        assert self.file is not None, "finish after abort"
-        file, self.file = self.file, None
-        file.close()  # durable at its exact size
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.directory)
-        data_start = len(self.header)
-        tensors, offset = [], data_start
-        for entry, crc in zip(self.entries, self.crcs, strict=True):
-            tensors.append(
-                {
-                    "name": entry.name,
-                    "dtype": int(entry.dtype),
-                    "shape": list(entry.shape),
-                    "offset": offset,
-                    "nbytes": entry.nbytes,
-                    "crc32": crc,
-                }
-            )
-            offset += entry.nbytes
-        manifest = {
-            "part": self.part,
-            "segment": self.segment,
-            "num_segments": self.num_segments,
-            "file": self.final.name,
-            "size_bytes": offset,
-            "header_crc32": checksum.crc32(self.header),
-            "header_bytes": len(self.header),
-            "metadata": self.metadata,
-            "tensors": tensors,
-        }
-        write_json_atomic(self.directory / f"{self.stem}.json", manifest)
-        self._drop_other_segmentations()
-        return manifest
-
-    def _drop_other_segmentations(self) -> None:
-        """Forget files of this part left by an earlier attempt that split it into a different count."""
-        for path in self.directory.glob("part-*.json"):
-            found = _PART_FILE.match(path.name)
-            if found and int(found[1]) == self.part and int(found[3] or 1) != self.num_segments:
-                path.unlink(missing_ok=True)
-                path.with_suffix(".safetensors").unlink(missing_ok=True)
-
-    def abort(self) -> None:
-        if self.file is not None:
-            file, self.file = self.file, None
-            file.abort()
-        self.tmp.unlink(missing_ok=True)
+        for t in record["tensors"]
+    }
+    if header != table:
+        raise CorruptData(f"{path.name}: its header does not describe the tensors of its record")
 
 
 class Layout:
     """Paths and directory-level operations under one data directory."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, registry: StepRegistry | None = None) -> None:
         self.root = data_dir
         self.jobs = data_dir / "jobs"
         self.jobs.mkdir(parents=True, exist_ok=True)
+        self.registry = registry or StepRegistry()
 
     def pending(self, job: str, step: int) -> Path:
         return self.jobs / job / "pending" / str(step)
@@ -230,162 +149,207 @@ class Layout:
     def committed(self, job: str, step: int) -> Path:
         return self.jobs / job / "committed" / f"{step:012d}"
 
+    def incoming(self, job: str) -> Path:
+        return self.jobs / job / "incoming"
+
     def used_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.jobs.rglob("*") if f.is_file())
+        """Bytes stored, streams in flight excluded (they hold quota reservations instead).
 
-    def commit(self, job: str, step: int, num_parts: int, metadata: dict[str, str]) -> dict[str, Any]:
-        """Verify the pending parts and rename them into a committed checkpoint; returns its manifest."""
-        target = self.committed(job, step)
-        if target.exists():
-            manifest = read_manifest(target)
-            if len(manifest["parts"]) != num_parts:
-                raise WrongState(f"{job}@{step} is already committed with {len(manifest['parts'])} parts")
-            return manifest
-        pending = self.pending(job, step)
-        if not pending.is_dir():
-            raise NotFound(f"nothing was saved for {job}@{step}")
-        saved: dict[int, list[dict[str, Any]]] = {}
-        for path in pending.glob("part-*.json"):
-            if _PART_FILE.match(path.name):
-                entry = json.loads(path.read_text())
-                saved.setdefault(entry["part"], []).append(entry)
-        missing = [p for p in range(num_parts) if p not in saved]
-        extra = sorted(p for p in saved if p >= num_parts)
-        if missing:
-            raise WrongState(f"{job}@{step}: parts {missing} of {num_parts} have not been saved")
-        if extra:
-            raise WrongState(f"{job}@{step}: found parts beyond num_parts={num_parts}: {extra}")
-        parts = []
-        for part in range(num_parts):
-            segments = _complete_segments(f"{job}@{step} part {part}", saved[part])
-            parts.extend(self._verified_part(pending, segment) for segment in segments)
-        merged: dict[str, str] = {}
-        for part in parts:
-            merged.update(part["metadata"])
-        merged.update(metadata)
-        manifest = {
-            "job": job,
-            "step": step,
-            "parts": parts,
-            "metadata": merged,
-            "total_bytes": sum(p["size_bytes"] for p in parts),
-            "committed_unix_ms": int(time.time() * 1000),
-        }
-        write_json_atomic(pending / MANIFEST, manifest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(pending, target)
-        _fsync_dir(target.parent)
-        return manifest
+        Files may vanish while they are counted (a commit renaming, a delete): those count as gone.
+        """
+        total = 0
+        for top, dirs, files in os.walk(self.jobs):
+            if Path(top).parent == self.jobs:
+                dirs[:] = [d for d in dirs if d != "incoming"]
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(top, name), follow_symlinks=False).st_size
+        return total
 
-    @staticmethod
-    def _verified_part(directory: Path, part: dict[str, Any]) -> dict[str, Any]:
-        path = directory / part["file"]
-        if not path.exists() or path.stat().st_size != part["size_bytes"]:
-            raise CorruptData(f"{path.name}: missing or not {part['size_bytes']} bytes")
-        _check_header(path, part)
-        return part
+    # ---- parts ----------------------------------------------------------------------------------
+    def publish(self, writer: PartWriter) -> dict[str, Any]:
+        """Move a closed part into its pending step as one unit; returns its record.
 
-    def delete(self, job: str, step: int) -> None:
-        source = self.committed(job, step)
-        if not source.exists():
-            raise NotFound(f"no committed checkpoint {job}@{step}")
-        trash = self.jobs / job / "trash"
-        trash.mkdir(parents=True, exist_ok=True)
-        doomed = trash / f"{step}-{uuid.uuid4().hex}"
-        os.rename(source, doomed)  # invisible at once; the bytes go next
+        Refused when the step was committed meanwhile (WrongState) or a newer attempt of the part
+        exists (Superseded). Files of this part that the new record supersedes are removed.
+        """
+        key = writer.key
+        assert writer.tmp is not None, "publish before open"
+        with self.registry.locked(key.job, key.step):
+            self.registry.check(key.job, key.step, key.part, key.attempt)
+            if self.committed(key.job, key.step).exists():
+                raise WrongState(f"{key.job}@{key.step} was committed while this part was being saved")
+            pending = self.pending(key.job, key.step)
+            pending.mkdir(parents=True, exist_ok=True)
+            same_part = [r for r in _records(pending) if r["part"] == key.part]
+            newest = max((r.get("attempt", 0) for r in same_part), default=key.attempt)
+            if key.attempt < newest:
+                raise Superseded(f"{key.job}@{key.step} part {key.part}: attempt {newest} was saved already")
+            record = writer.record()
+            os.rename(writer.tmp, pending / writer.data_name)
+            write_json_atomic(pending / f"{key.stem}.json", record)  # the unit's single switch-over
+            for old in same_part:
+                mine = old["_record"] == f"{key.stem}.json"
+                if (
+                    mine
+                    or old.get("attempt", 0) < key.attempt
+                    or old.get("num_segments", 1) != key.num_segments
+                ):
+                    if not mine:
+                        (pending / old["_record"]).unlink(missing_ok=True)
+                    if old["file"] != writer.data_name:
+                        (pending / old["file"]).unlink(missing_ok=True)
+            return record
+
+    # ---- commit ---------------------------------------------------------------------------------
+    def commit(
+        self, job: str, step: int, num_parts: int, metadata: dict[str, str]
+    ) -> tuple[dict[str, Any], bool]:
+        """Verify the pending parts and rename them into a committed checkpoint.
+
+        Returns (manifest, whether this call committed it); a repeated commit returns the manifest.
+        """
+        with self.registry.locked(job, step):
+            target = self.committed(job, step)
+            if target.exists():
+                manifest = self._existing(job, step)
+                have = len({p["part"] for p in manifest["parts"]})
+                if have != num_parts:
+                    raise WrongState(f"{job}@{step} is already committed with {have} parts")
+                return manifest, False
+            pending = self.pending(job, step)
+            if not pending.is_dir():
+                raise NotFound(f"nothing was saved for {job}@{step}")
+            saved = _newest_attempts(_records(pending))
+            missing = [p for p in range(num_parts) if p not in saved]  # num_parts <= names.MAX_PARTS
+            if missing:
+                raise WrongState(
+                    f"{job}@{step}: {len(missing)} of {num_parts} parts have not been saved, "
+                    f"e.g. {missing[:NAMED]}"
+                )
+            extra = sorted(p for p in saved if p >= num_parts)
+            if extra:
+                raise WrongState(f"{job}@{step}: found parts beyond num_parts={num_parts}: {extra[:NAMED]}")
+            parts = []
+            for part in range(num_parts):
+                parts.extend(_complete_segments(f"{job}@{step} part {part}", saved[part]))
+            keep = {MANIFEST}
+            for record in parts:
+                check_part_file(pending / record["file"], record)
+                keep |= {record["file"], record.pop("_record")}
+            _refuse_duplicate_names(f"{job}@{step}", parts)
+            for path in pending.iterdir():  # superseded records and files: the checkpoint holds what it lists
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+            merged: dict[str, str] = {}
+            for record in parts:
+                merged.update(record["metadata"])
+            merged.update(metadata)
+            manifest = {
+                "job": job,
+                "step": step,
+                "parts": parts,
+                "metadata": merged,
+                "total_bytes": sum(p["size_bytes"] for p in parts),
+                "committed_unix_ms": int(time.time() * 1000),
+            }
+            write_json_atomic(pending / MANIFEST, manifest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(pending, target)
+            fsync_dir(target.parent)
+            self.registry.forget(job, step)
+            return manifest, True
+
+    def _existing(self, job: str, step: int) -> dict[str, Any]:
+        try:
+            return read_manifest(self.committed(job, step))
+        except (OSError, ValueError) as exc:
+            raise WrongState(
+                f"{job}@{step} is committed but its manifest is unreadable ({type(exc).__name__}); delete it"
+            ) from None
+
+    def uncommit(self, job: str, step: int) -> None:
+        """Undo a commit whose index entry could not be written: the parts become pending again."""
+        with self.registry.locked(job, step):
+            target, pending = self.committed(job, step), self.pending(job, step)
+            if not target.exists() or pending.exists():
+                return
+            pending.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(target, pending)
+            (pending / MANIFEST).unlink(missing_ok=True)
+            fsync_dir(pending.parent)
+
+    # ---- deletion, expiry, recovery -------------------------------------------------------------
+    def delete(self, job: str, step: int) -> str:
+        """Remove a committed checkpoint (even one whose manifest is gone) or discard pending parts.
+
+        Returns "committed" or "pending"; NotFound when neither exists.
+        """
+        with self.registry.locked(job, step):
+            source = self.committed(job, step)
+            what = "committed"
+            if not source.exists():
+                source, what = self.pending(job, step), "pending"
+                if not source.exists():
+                    raise NotFound(f"no checkpoint {job}@{step}")
+                self.registry.forget(job, step)
+            trash = self.jobs / job / "trash"
+            trash.mkdir(parents=True, exist_ok=True)
+            doomed = trash / f"{step}-{uuid.uuid4().hex}"
+            os.rename(source, doomed)  # invisible at once; the bytes go next
         shutil.rmtree(doomed, ignore_errors=True)
+        return what
+
+    def expire_pending(self, older_than_s: float) -> list[tuple[str, int]]:
+        """Discard pending steps nobody is writing whose newest file is older than `older_than_s`."""
+        removed, cutoff = [], time.time() - older_than_s
+        for step_dir in self.jobs.glob("*/pending/*"):
+            job = step_dir.parent.parent.name
+            if not step_dir.name.isdigit():
+                continue
+            step = int(step_dir.name)
+            with self.registry.locked(job, step):
+                if not step_dir.is_dir() or self.registry.writing(job, step):
+                    continue
+                newest = max(
+                    (p.stat().st_mtime for p in step_dir.iterdir()), default=step_dir.stat().st_mtime
+                )
+                if newest < cutoff:
+                    shutil.rmtree(step_dir, ignore_errors=True)
+                    self.registry.forget(job, step)
+                    removed.append((job, step))
+        return removed
 
     def recover(self) -> list[dict[str, Any]]:
         """Drop everything uncommitted; return the manifests of every committed checkpoint on disk."""
-        manifests = []
         for job_dir in sorted(p for p in self.jobs.iterdir() if p.is_dir()):
-            for transient in ("pending", "trash"):
+            for transient in ("pending", "trash", "incoming"):
                 shutil.rmtree(job_dir / transient, ignore_errors=True)
-            committed = job_dir / "committed"
-            for step_dir in sorted(committed.iterdir()) if committed.is_dir() else []:
-                for stray in step_dir.glob(".*.tmp"):
-                    stray.unlink()
-                try:
-                    manifests.append(read_manifest(step_dir))
-                except (OSError, ValueError, KeyError):
-                    continue  # unreadable manifest: leave the bytes for an operator, do not index them
+            for stray in job_dir.glob("committed/*/.*.tmp"):
+                stray.unlink()
+        return self.committed_manifests()
+
+    def committed_manifests(self) -> list[dict[str, Any]]:
+        """Every readable committed manifest on disk (read-only: safe while the server runs)."""
+        manifests = []
+        for step_dir in sorted(self.jobs.glob("*/committed/*")):
+            try:
+                manifests.append(read_manifest(step_dir))
+            except (OSError, ValueError, KeyError):
+                continue  # unreadable manifest: leave the bytes for an operator, do not index them
         return manifests
 
 
-def _complete_segments(label: str, segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A part's segment manifests in order, if they are one consistent, complete, name-unique set."""
-    counts = {s.get("num_segments", 1) for s in segments}
-    if len(counts) != 1:
-        raise WrongState(f"{label} was saved with different segment counts {sorted(counts)}; save it again")
-    (count,) = counts
-    have = sorted(s.get("segment", 0) for s in segments)
-    if have != list(range(count)):
-        raise WrongState(f"{label}: segments {have} of {count} have been saved")
-    ordered = sorted(segments, key=lambda s: s.get("segment", 0))
-    names = [t["name"] for s in ordered for t in s["tensors"]]
-    if len(set(names)) != len(names):
-        raise WrongState(f"{label}: a tensor name appears in more than one segment")
-    return ordered
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    manifest = json.loads((directory / MANIFEST).read_text())
-    if not {"job", "step", "parts"} <= manifest.keys():
-        raise ValueError(f"{directory / MANIFEST} lacks job/step/parts")
-    return manifest
-
-
-def select_tensors(manifest: dict[str, Any], names: list[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(part, tensor) pairs to send, in file order; every requested name must exist."""
-    pairs = [(part, tensor) for part in manifest["parts"] for tensor in part["tensors"]]
-    if not names:
-        return pairs
-    wanted = set(names)
-    chosen = [(p, t) for p, t in pairs if t["name"] in wanted]
-    missing = wanted - {t["name"] for _, t in chosen}
-    if missing:
-        raise NotFound(f"{manifest['job']}@{manifest['step']} has no tensor(s) {sorted(missing)[:5]}")
-    return chosen
-
-
-def _check_header(path: Path, part: dict[str, Any]) -> None:
-    with open(path, "rb") as handle:
-        if checksum.crc32(handle.read(part["header_bytes"])) != part["header_crc32"]:
-            raise CorruptData(f"{path.name}: header checksum mismatch")
-
-
-def verify_part_file(directory: Path, part: dict[str, Any]) -> None:
-    """Raise CorruptData (naming the file) if a committed part file is gone or its header changed."""
-    path = directory / part["file"]
-    if not path.is_file():
-        raise CorruptData(f"{path.name} is missing")
-    _check_header(path, part)
-
-
-def read_tensor_chunks(
-    directory: Path,
-    part: dict[str, Any],
-    tensor: dict[str, Any],
-    chunk_bytes: int,
-    frame: Callable[[memoryview], bytes] = bytes,
-) -> Iterator[bytes]:
-    """Yield `frame(piece)` for the tensor's stored bytes, in order; `frame` copies (default: `bytes`).
-
-    The part file must have passed `verify_part_file` (once per load, not once per tensor). Raises
-    CorruptData (naming the file) if the tensor's CRC does not match, before its last piece.
-    """
-    path = directory / part["file"]
-    remaining, crc = tensor["nbytes"], 0
-
-    def checked(piece: memoryview) -> bytes:
-        nonlocal remaining, crc
-        crc = checksum.crc32(piece, crc)
-        remaining -= len(piece)
-        if remaining == 0 and crc != tensor["crc32"]:
-            raise CorruptData(f"{path.name}: checksum mismatch in tensor {tensor['name']}")
-        return frame(piece)
-
-    try:
-        yield from read_range(path, tensor["offset"], tensor["nbytes"], chunk_bytes, copy=checked)
-    except EOFError:
-        raise CorruptData(f"{path.name}: truncated inside {tensor['name']}") from None
+def _refuse_duplicate_names(label: str, parts: list[dict[str, Any]]) -> None:
+    seen: dict[str, int] = {}
+    twice = []
+    for record in parts:
+        for tensor in record["tensors"]:
+            if tensor["name"] in seen:
+                twice.append(tensor["name"])
+            seen[tensor["name"]] = record["part"]
+    if twice:
+        named = ", ".join(quoted(n) for n in itertools.islice(dict.fromkeys(twice), NAMED))
+        raise WrongState(
+            f"{label}: {len(twice)} tensor name(s) appear in more than one part or segment: {named}"
+        )

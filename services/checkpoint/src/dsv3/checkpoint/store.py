@@ -2,6 +2,8 @@
 
 The index is a cache of the manifests on disk: it answers list/latest/load lookups without touching
 the data volume, and is rebuilt from the manifests when it is empty or stale (see `reconcile`).
+Redis may restart empty under a running server: a marker key written after every rebuild is read in
+the same round trip as every lookup, so its absence (IndexLost) is noticed by the next call.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+
+class IndexLost(Exception):
+    """The index lost its contents (Redis restarted empty); rebuild it from the manifests on disk."""
 
 
 class MetadataStore(Protocol):
+    def ping(self) -> None: ...
+    def mark(self) -> None: ...
     def put(self, manifest: dict[str, Any]) -> None: ...
     def get(self, job: str, step: int) -> dict[str, Any] | None: ...
     def steps(self, job: str) -> list[int]: ...
@@ -36,6 +46,13 @@ class SqliteStore:
             "CREATE TABLE IF NOT EXISTS checkpoints "
             "(job TEXT, step INTEGER, manifest TEXT, PRIMARY KEY (job, step))"
         )
+
+    def ping(self) -> None:
+        with self._lock:
+            self._db.execute("SELECT 1").fetchone()
+
+    def mark(self) -> None:
+        """Nothing to mark: an embedded file does not lose its contents under a running server."""
 
     def put(self, manifest: dict[str, Any]) -> None:
         with self._lock:
@@ -76,8 +93,15 @@ class RedisStore:
 
     PREFIX = "dsv3:checkpoint"
 
-    def __init__(self, url: str) -> None:
-        self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
+        # Short timeouts and no silent retries: a hung Redis must turn into UNAVAILABLE quickly.
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._marker = f"{self.PREFIX}:marker"
         self._redis.ping()
 
     def _steps_key(self, job: str) -> str:
@@ -86,37 +110,61 @@ class RedisStore:
     def _manifest_key(self, job: str, step: int) -> str:
         return f"{self.PREFIX}:manifest:{job}:{step}"
 
+    def _run(self, pipe: redis.client.Pipeline) -> list[Any]:
+        """Execute a pipeline that starts with EXISTS marker; IndexLost if the marker is gone."""
+        marked, *results = pipe.execute()
+        if not marked:
+            raise IndexLost("the Redis index lost its contents")
+        return results
+
+    def _pipe(self, transaction: bool = False) -> redis.client.Pipeline:
+        pipe = self._redis.pipeline(transaction=transaction)
+        pipe.exists(self._marker)
+        return pipe
+
+    def ping(self) -> None:
+        if not self._redis.exists(self._marker):
+            raise IndexLost("the Redis index lost its contents")
+
+    def mark(self) -> None:
+        self._redis.set(self._marker, "1")
+
     def put(self, manifest: dict[str, Any]) -> None:
         job, step = manifest["job"], manifest["step"]
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._pipe(transaction=True)
         pipe.set(self._manifest_key(job, step), json.dumps(manifest))
         pipe.zadd(self._steps_key(job), {str(step): step})
         pipe.sadd(f"{self.PREFIX}:jobs", job)
-        pipe.execute()
+        self._run(pipe)
 
     def get(self, job: str, step: int) -> dict[str, Any] | None:
-        raw = self._redis.get(self._manifest_key(job, step))
+        pipe = self._pipe()
+        pipe.get(self._manifest_key(job, step))
+        (raw,) = self._run(pipe)
         return json.loads(raw) if raw else None
 
     def steps(self, job: str) -> list[int]:
-        return [int(s) for s in self._redis.zrange(self._steps_key(job), 0, -1)]
+        pipe = self._pipe()
+        pipe.zrange(self._steps_key(job), 0, -1)
+        (steps,) = self._run(pipe)
+        return [int(s) for s in steps]
 
     def remove(self, job: str, step: int) -> None:
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._pipe(transaction=True)
         pipe.zrem(self._steps_key(job), str(step))
         pipe.delete(self._manifest_key(job, step))
-        pipe.execute()
+        self._run(pipe)
 
     def keys(self) -> set[tuple[str, int]]:
         jobs = [j.decode() for j in self._redis.smembers(f"{self.PREFIX}:jobs")]
-        return {(job, step) for job in jobs for step in self.steps(job)}
+        return {(job, int(step)) for job in jobs for step in self._redis.zrange(self._steps_key(job), 0, -1)}
 
     def close(self) -> None:
         self._redis.close()
 
 
-def open_store(redis_url: str | None, data_dir: Path) -> MetadataStore:
-    return RedisStore(redis_url) if redis_url else SqliteStore(data_dir / "index.sqlite")
+def open_store(redis_url: str | None, data_dir: Path, timeout_seconds: float = 2.0) -> MetadataStore:
+    return RedisStore(redis_url, timeout_seconds) if redis_url else SqliteStore(data_dir / "index.sqlite")
 
 
 def reconcile(store: MetadataStore, manifests: list[dict[str, Any]]) -> tuple[int, int]:

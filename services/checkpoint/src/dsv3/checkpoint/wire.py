@@ -18,6 +18,8 @@ is a varint, 2 is length-delimited (varint length, then the bytes). proto3 omits
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -29,6 +31,7 @@ _SAVE_REQUEST_CHUNK_TAG = 2 << 3 | _LEN
 _LOAD_RESPONSE_DATA_TAG = 2 << 3 | _LEN
 _UINT32_LIMIT = 1 << 32
 _UINT64_LIMIT = 1 << 64
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +172,21 @@ def deserialize_load_response(frame: bytes) -> memoryview | checkpoint_pb2.LoadR
     except _Unexpected:
         view.release()
     return checkpoint_pb2.LoadResponse.FromString(frame)
+
+
+# ---- unary requests ----------------------------------------------------------------------------------
+def lenient(message_type: type[T]) -> Callable[[bytes], T | Malformed]:
+    """A request deserializer that hands undecodable bytes (e.g. invalid UTF-8) over as `Malformed`.
+
+    gRPC answers a deserializer's exception with UNKNOWN/INTERNAL; the servicer says INVALID_ARGUMENT.
+    """
+
+    def parse(frame: bytes) -> T | Malformed:
+        try:
+            return message_type.FromString(frame)  # type: ignore[attr-defined]
+        except DecodeError:
+            return Malformed(
+                f"undecodable {message_type.__name__} ({len(frame)} bytes; strings must be UTF-8)"
+            )
+
+    return parse
