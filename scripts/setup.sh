@@ -14,4 +14,5 @@ for d in services/* operator; do
   [ -f "$d/pyproject.toml" ] && editables+=(-e "$d")
 done
 .venv/bin/python -m pip install -q "${editables[@]}"
+bash scripts/install_k8s_tools.sh  # helm + kubectl for tests/operator, into .tools/bin
 echo "dsv3: environment ready in .venv"
