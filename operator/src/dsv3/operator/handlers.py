@@ -1,0 +1,220 @@
+"""Kopf handlers: each reconcile reads the children, asks `lifecycle.decide` / `render` what they
+should be, creates or patches only what differs, and patches only the status fields that changed."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from dsv3.operator import conditions as cond
+from dsv3.operator.config import OperatorConfig
+from dsv3.operator.kube import Kube
+from dsv3.operator.lifecycle import PodView, decide
+from dsv3.operator.render import (
+    COMPONENT_LABEL,
+    JOB_LABEL,
+    RANK_LABEL,
+    RESTART_LABEL,
+    Owner,
+    render_serving,
+    render_training,
+    rendezvous_id,
+    serving_endpoints,
+    shard_selector,
+    worker_address,
+)
+from dsv3.operator.spec import GROUP, VERSION, SpecError, check_name, parse_serving, parse_training
+from dsv3.operator.trainer_status import read_trainer_status
+
+CONFIG = OperatorConfig.from_env()
+TRAINING = (GROUP, VERSION, "deepseektrainingjobs")
+SERVING = (GROUP, VERSION, "deepseekservingjobs")
+_CHILD_KINDS = (
+    ("v1", "Pod"),
+    ("v1", "Service"),
+    ("v1", "ConfigMap"),
+    ("apps/v1", "StatefulSet"),
+    ("apps/v1", "Deployment"),
+)
+
+
+@kopf.on.startup()
+def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # conditions carry the story; no Event objects
+    settings.watching.server_timeout = 60
+    memo.kube = Kube.from_environment()
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _owner(kind: str, meta: Mapping[str, Any]) -> Owner:
+    return Owner(kind, meta["name"], meta["namespace"], meta.get("uid") or "")
+
+
+def _patch_status(patch: kopf.Patch, current: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Only changed keys: an unchanged job gets no status patch at all."""
+    for k, v in new.items():
+        if current.get(k) != v:
+            patch.status[k] = v
+
+
+def _invalid(
+    patch: kopf.Patch, status: Mapping[str, Any], generation: int, err: SpecError, kind: str
+) -> None:
+    conds = cond.set_state(
+        list(status.get("conditions") or []),
+        "Failed" if kind == "training" else "Degraded",
+        "InvalidSpec",
+        f"{err} (nothing was created)",
+        _now(),
+        generation,
+        exclusive=("Running", "Restarting", "Ready", "Progressing"),
+    )
+    _patch_status(patch, status, {"conditions": conds, "observedGeneration": generation})
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def reconcile_training(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, cfg: OperatorConfig) -> None:
+    meta, status = body["metadata"], dict(body.get("status") or {})
+    generation = int(meta.get("generation") or 1)
+    try:
+        check_name(meta["name"])
+        spec = parse_training(body.get("spec") or {}, cfg.checkpoint_address)
+    except SpecError as err:
+        _invalid(patch, status, generation, err, "training")
+        return
+    owner = _owner("DeepSeekTrainingJob", meta)
+    ns = owner.namespace
+    selector = f"{JOB_LABEL}={owner.name},{COMPONENT_LABEL}=trainer"
+    pods = [PodView.from_pod(p, RANK_LABEL, RESTART_LABEL) for p in kube.list("v1", "Pod", ns, selector)]
+    decision = decide(owner.name, spec, status, pods, _now(), generation)
+    new = dict(decision.status)
+    for name in decision.delete_pods:
+        kube.delete("v1", "Pod", ns, name)
+    finished = any(cond.is_true(new["conditions"], t) for t in ("Succeeded", "Failed", "Suspended"))
+    gen = (
+        decision.create
+        if decision.create is not None
+        else int(new.get("podGeneration", status.get("podGeneration") or 0))
+    )
+    if not finished:
+        for m in render_training(owner, spec, gen, cfg):
+            if m.kind != "Pod" or decision.create is not None:
+                kube.ensure(m, ns, immutable=m.kind == "Pod")
+        new["rendezvousId"] = rendezvous_id(owner, gen)
+    if (new.get("workers") or {}).get("running"):
+        _read_progress(owner, spec.nodes, cfg, new)
+    if new.get("startTime", "") is None:
+        new.pop("startTime")
+        if "startTime" in status:
+            patch.status["startTime"] = None
+    _patch_status(patch, status, new)
+    if decision.delete_job:
+        kube.delete(f"{GROUP}/{VERSION}", "DeepSeekTrainingJob", ns, owner.name)
+
+
+def _read_progress(owner: Owner, nodes: int, cfg: OperatorConfig, new: dict[str, Any]) -> None:
+    """Step, loss and tokens/s from rank 0 (tried on each worker host: c10d picks where rank 0 runs)."""
+    for rank in range(nodes):
+        got = read_trainer_status(
+            worker_address(owner, rank, cfg.status_port, cfg), cfg.status_timeout_seconds
+        )
+        if got is None:
+            continue
+        new.update(step=got.step, totalSteps=got.total)
+        if got.loss is not None:
+            new["loss"] = round(got.loss, 4)
+        if got.tokens_per_second is not None:
+            new["tokensPerSecond"] = round(got.tokens_per_second, 1)
+        if got.last_checkpoint_step is not None:
+            new["lastCheckpointStep"] = got.last_checkpoint_step
+        return
+
+
+@kopf.on.resume(*TRAINING)
+@kopf.on.create(*TRAINING)
+@kopf.on.update(*TRAINING, field="spec")
+@kopf.timer(*TRAINING, interval=CONFIG.resync_seconds, idle=0)
+def training(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    reconcile_training(memo.kube, body, patch, CONFIG)
+
+
+# ---- serving --------------------------------------------------------------------------------------
+
+
+def reconcile_serving(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, cfg: OperatorConfig) -> None:
+    meta, status = body["metadata"], dict(body.get("status") or {})
+    generation = int(meta.get("generation") or 1)
+    try:
+        check_name(meta["name"])
+        spec = parse_serving(body.get("spec") or {}, cfg.checkpoint_address, cfg.redis_url)
+    except SpecError as err:
+        _invalid(patch, status, generation, err, "serving")
+        return
+    owner = _owner("DeepSeekServingJob", meta)
+    for m in render_serving(owner, spec, cfg):
+        kube.ensure(m, owner.namespace)
+    sts = kube.get("apps/v1", "StatefulSet", owner.namespace, f"{owner.name}-shard") or {}
+    router = kube.get("apps/v1", "Deployment", owner.namespace, f"{owner.name}-router") or {}
+    sts_status = sts.get("status") or {}
+    replicas = int(sts_status.get("replicas", (sts.get("spec") or {}).get("replicas", 0)))
+    ready = int(sts_status.get("readyReplicas") or 0)
+    routers = int((router.get("status") or {}).get("availableReplicas") or 0)
+    conds = list(status.get("conditions") or [])
+    now = _now()
+    moving = ("Ready", "Progressing", "Degraded")
+    msg = f"{ready}/{spec.shard_replicas} expert shards ready"
+    msg += f", {routers}/{spec.router_replicas} routers available"
+    if ready == spec.shard_replicas and routers >= 1:
+        conds = cond.set_state(conds, "Ready", "AllShardsReady", msg, now, generation, exclusive=moving)
+    elif cond.is_true(conds, "Ready") and ready < replicas:
+        conds = cond.set_state(conds, "Degraded", "ShardsNotReady", msg, now, generation, exclusive=moving)
+    else:
+        conds = cond.set_state(conds, "Progressing", "Rollout", msg, now, generation, exclusive=moving)
+    new = {
+        "observedGeneration": generation,
+        "conditions": conds,
+        "shards": {"replicas": replicas, "ready": ready, "selector": shard_selector(owner.name)},
+        "endpoint": serving_endpoints(owner, spec, cfg),
+    }
+    _patch_status(patch, status, new)
+
+
+@kopf.on.resume(*SERVING)
+@kopf.on.create(*SERVING)
+@kopf.on.update(*SERVING, field="spec")
+@kopf.timer(*SERVING, interval=CONFIG.resync_seconds, idle=0)
+def serving(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    reconcile_serving(memo.kube, body, patch, CONFIG)
+
+
+# ---- deletion -------------------------------------------------------------------------------------
+
+
+def delete_children(kube: Kube, namespace: str, job: str) -> int:
+    """Delete every child labelled with the job (ownerReferences let the GC do it too; this does not wait
+    for it, so the children are gone even where the GC lags or is absent)."""
+    removed = 0
+    for api_version, kind in _CHILD_KINDS:
+        for obj in kube.list(api_version, kind, namespace, f"{JOB_LABEL}={job}"):
+            removed += kube.delete(api_version, kind, namespace, obj["metadata"]["name"])
+    return removed
+
+
+@kopf.on.delete(*TRAINING)
+@kopf.on.delete(*SERVING)
+def cleanup(meta: kopf.Meta, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    removed = delete_children(memo.kube, meta["namespace"], meta["name"])
+    logger.info(f"deleted {removed} children of {meta['namespace']}/{meta['name']}")
