@@ -2,11 +2,15 @@
 not a cluster) with the gaps closed that kubectl, helm and Kopf run into. All extensions live here.
 
 Added over kmock 0.8: server-assigned uid / resourceVersion / generation / creationTimestamp; `kind`
-in lists; core-group discovery as `v1`; `dryRun` answered without storing; PUT as a whole-object
-write; a CRD that is created registers its resource (with short names and subresources); the
-`/scale` subresource of a CRD (spec/status replica paths, label selector); server-side printing
-(`as=Table`) from the CRD's additionalPrinterColumns; watches as JSON streams. Not emulated: pods
-never run (tests set their status), no garbage collection, no CEL or schema validation.
+and label selectors on lists; core-group discovery as `v1`; server version 1.33; `dryRun` answered
+without storing; PUT as a whole-object write; a CRD that is created registers its resource (short
+names, subresources); the `/scale` subresource of a CRD (replica paths, string label selector);
+server-side printing (`as=Table`) from the CRD's additionalPrinterColumns.
+
+Not emulated: pods never run (tests set their status), no garbage collection, no CEL or schema
+validation, no protobuf bodies (so `helm install` cannot store its release: helm 4 sends release
+Secrets/ConfigMaps as protobuf, and its memory driver creates nothing; the tests install the chart
+with `helm template | kubectl apply`).
 """
 
 from __future__ import annotations
@@ -139,7 +143,11 @@ class Emulator(kmock.KubernetesEmulator):
             response = await super()._handle(request)
             return response
         response = await super()._handle(request)
-        if request.action == enums.action.CREATE and res is not None and res.plural == "customresourcedefinitions":
+        if (
+            request.action == enums.action.CREATE
+            and res is not None
+            and res.plural == "customresourcedefinitions"
+        ):
             self._register_crd(request.data)
         listed = request.action == enums.action.LIST and res is not None and res.plural
         if listed and isinstance(response, aiohttp.web.Response) and response.body:
@@ -150,6 +158,8 @@ class Emulator(kmock.KubernetesEmulator):
             kind = info.kind if info is not None and info.kind else ""
             body.update(apiVersion=f"{res.group}/{res.version}".lstrip("/"), kind=f"{kind}List")
             body["metadata"]["resourceVersion"] = str(next(_RV))
+            wanted = request.params.get("labelSelector", "")
+            body["items"] = [i for i in body["items"] if _selects(wanted, i["metadata"].get("labels") or {})]
             for item in body["items"]:
                 item.setdefault("apiVersion", body["apiVersion"])
                 item.setdefault("kind", kind)
@@ -177,9 +187,18 @@ class Emulator(kmock.KubernetesEmulator):
             return
         if self._has_status(request.resource):
             data.pop("status", None)  # the main resource ignores status, as a real API server does
-        changed = any(k not in ("metadata", "status") and stored.get(k) != _merge(stored.get(k), v) for k, v in data.items())
+        changed = any(
+            k not in ("metadata", "status") and stored.get(k) != _merge(stored.get(k), v)
+            for k, v in data.items()
+        )
         if changed:
             meta["generation"] = int(stored["metadata"].get("generation") or 1) + 1
+
+    async def _serve_server_version(self, request: kmock.Request) -> Any:
+        """A current server version (kmock reports 1.26; the chart needs >= 1.28)."""
+        out = dict(await super()._serve_server_version(request))
+        out.update(major="1", minor="33", gitVersion="v1.33.0-kmock")
+        return out
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         """Subresources carry no short names (kubectl warns about ambiguous ones otherwise)."""
@@ -222,7 +241,9 @@ class Emulator(kmock.KubernetesEmulator):
         if request.method in (enums.method.PATCH, enums.method.PUT):
             replicas = (request.data or {}).get("spec", {}).get("replicas")
             if not isinstance(replicas, int) or replicas < 0:
-                raise kmock.KubernetesError(status=422, reason="Invalid", message="spec.replicas must be >= 0")
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message="spec.replicas must be >= 0"
+                )
             patch = _set_path({}, scale["specReplicasPath"], replicas)
             inner = kmock.Request(
                 method=enums.method.PATCH,
@@ -269,17 +290,47 @@ class Emulator(kmock.KubernetesEmulator):
                 if r == request.resource and not o.deleted and (request.namespace in (None, ns))
             ]
         defs = [{"name": "Name", "type": "string", "format": "name", "priority": 0}]
-        defs += [{"name": c["name"], "type": c["type"], "format": "", "priority": c.get("priority", 0)} for c in cols]
+        defs += [
+            {"name": c["name"], "type": c["type"], "format": "", "priority": c.get("priority", 0)}
+            for c in cols
+        ]
         rows = []
         for o in sorted(objs, key=lambda o: o["metadata"]["name"]):
             cells = [o["metadata"]["name"]]
             for c in cols:
                 v = jsonpath(o, c["jsonPath"])
                 cells.append(_age(v) if c["type"] == "date" and v else v)
-            rows.append({"cells": cells, "object": {"kind": "PartialObjectMetadata", "metadata": o["metadata"]}})
+            rows.append(
+                {"cells": cells, "object": {"kind": "PartialObjectMetadata", "metadata": o["metadata"]}}
+            )
         return aiohttp.web.json_response(
-            {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {}, "columnDefinitions": defs, "rows": rows}
+            {
+                "kind": "Table",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": {},
+                "columnDefinitions": defs,
+                "rows": rows,
+            }
         )
+
+
+def _selects(selector: str, labels: dict[str, str]) -> bool:
+    """Equality-based label selectors (`a=b,c!=d,e`), as kubectl -l and list calls send them."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            k, v = term.split("!=", 1)
+            if labels.get(k) == v:
+                return False
+        elif "=" in term:
+            k, v = term.replace("==", "=").split("=", 1)
+            if labels.get(k) != v:
+                return False
+        elif term.startswith("!"):
+            if term[1:] in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
 
 
 def _age(stamp: str) -> str:

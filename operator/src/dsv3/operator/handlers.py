@@ -3,7 +3,9 @@ should be, creates or patches only what differs, and patches only the status fie
 
 from __future__ import annotations
 
+import collections
 import datetime
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +34,7 @@ from dsv3.operator.trainer_status import read_trainer_status
 CONFIG = OperatorConfig.from_env()
 TRAINING = (GROUP, VERSION, "deepseektrainingjobs")
 SERVING = (GROUP, VERSION, "deepseekservingjobs")
+_LOCKS: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 _CHILD_KINDS = (
     ("v1", "Pod"),
     ("v1", "Service"),
@@ -148,7 +151,8 @@ def _read_progress(owner: Owner, nodes: int, cfg: OperatorConfig, new: dict[str,
 @kopf.on.update(*TRAINING, field="spec")
 @kopf.timer(*TRAINING, interval=CONFIG.resync_seconds, idle=0)
 def training(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    reconcile_training(memo.kube, body, patch, CONFIG)
+    with _LOCKS[body["metadata"].get("uid") or body["metadata"]["name"]]:  # timer vs change handler
+        reconcile_training(memo.kube, body, patch, CONFIG)
 
 
 # ---- serving --------------------------------------------------------------------------------------
@@ -197,7 +201,8 @@ def reconcile_serving(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, cf
 @kopf.on.update(*SERVING, field="spec")
 @kopf.timer(*SERVING, interval=CONFIG.resync_seconds, idle=0)
 def serving(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    reconcile_serving(memo.kube, body, patch, CONFIG)
+    with _LOCKS[body["metadata"].get("uid") or body["metadata"]["name"]]:
+        reconcile_serving(memo.kube, body, patch, CONFIG)
 
 
 # ---- deletion -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ kinds the operator owns, plus create-or-patch that writes only when the live obj
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,14 @@ _PLURALS = {
     "DeepSeekTrainingJob": "deepseektrainingjobs",
     "DeepSeekServingJob": "deepseekservingjobs",
 }
+
+
+class KubeError(RuntimeError):
+    """An API call answered with an HTTP error (status kept for the 404 checks)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
@@ -56,21 +65,24 @@ class Kube:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/merge-patch+json" if patch else "application/json"
-        return self.api.call_api(
-            path,
+        args = self.api.param_serialize(
             method,
+            path,
             query_params=query or [],
             header_params=headers,
             body=body,
-            response_type="object",
             auth_settings=["BearerToken"],
-            _return_http_data_only=True,
         )
+        resp = self.api.call_api(*args, _request_timeout=30)
+        data = resp.read()
+        if resp.status >= 400:
+            raise KubeError(resp.status, f"{method} {path}: HTTP {resp.status}: {data[:300]!r}")
+        return json.loads(data) if data else {}
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return self._call("GET", _path(api_version, kind, namespace, name))
-        except kubernetes.client.ApiException as e:
+        except KubeError as e:
             if e.status == 404:
                 return None
             raise
@@ -97,7 +109,7 @@ class Kube:
                 body={"propagationPolicy": "Background"},
             )
             return True
-        except kubernetes.client.ApiException as e:
+        except KubeError as e:
             if e.status == 404:
                 return False
             raise
@@ -109,7 +121,12 @@ class Kube:
         `immutable`: a live pod is never patched (a new generation replaces it)."""
         live = self.get(m.api_version, m.kind, namespace, m.name)
         if live is None:
-            self.create(m, namespace)
+            try:
+                self.create(m, namespace)
+            except KubeError as e:
+                if e.status != 409:  # 409: a concurrent reconcile created it first
+                    raise
+                return "unchanged"
             return "created"
         desired = {k: v for k, v in m.body.items() if k not in ("apiVersion", "kind")}
         if immutable or contains(live, desired):
