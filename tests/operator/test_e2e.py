@@ -106,6 +106,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
             cwd=ROOT,
         )
         c.operator_log = tmp / "operator.log"
+        c.operator_pid = op.pid
         try:
             yield c
         finally:
@@ -120,6 +121,16 @@ def test_chart_installs_crds_operator_and_services(cluster: Cluster) -> None:
     names = {i["metadata"]["name"] for i in cluster.get("deployments")["items"]}
     assert names == {"dsv3-operator", "dsv3-checkpoint", "dsv3-redis"}
     assert cluster.get("pvc", "dsv3-checkpoint")["spec"]["resources"]["requests"]["storage"] == "100Gi"
+
+
+def test_running_operator_maps_no_libtorch(cluster: Cluster) -> None:
+    wait_for(
+        "operator up", lambda: "dsv3.operator" in Path(f"/proc/{cluster.operator_pid}/cmdline").read_text()
+    )
+    time.sleep(0.5)
+    maps = Path(f"/proc/{cluster.operator_pid}/maps").read_text()
+    assert ".so" in maps  # the maps were read: shared objects are listed
+    assert "libtorch" not in maps
 
 
 def test_training_job_runs_restarts_resumes_and_succeeds(cluster: Cluster) -> None:

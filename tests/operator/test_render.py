@@ -157,3 +157,10 @@ def test_serving_renders_router_and_shard_statefulset_wired_by_dns() -> None:
     assert {p["port"] for p in out["Service", "debug-serve-router"]["spec"]["ports"]} == {50080, 8080}
     shard = sts["spec"]["template"]["spec"]["containers"][0]
     assert _env(shard) == {"DSV3_PORT": "50090", "DSV3_CAPACITY": "64"}
+
+
+def test_the_operator_default_gpu_resource_applies_when_the_spec_names_none() -> None:
+    spec = load(EXAMPLES / "training-debug.yaml")["spec"]
+    spec["resources"] = {"gpu": {"count": 1}}
+    pod = render_training(OWNER, parse_training(spec, "ck:1", "amd.com/gpu"), 0, CFG)[1].body
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"amd.com/gpu": "1"}

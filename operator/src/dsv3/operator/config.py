@@ -11,6 +11,7 @@ from collections.abc import Mapping
 class OperatorConfig:
     checkpoint_address: str = ""  # default dsv3-checkpoint host:port for jobs that name none
     redis_url: str = ""  # default shard registry for serving jobs
+    gpu_resource: str = "nvidia.com/gpu"  # GPU resource name for jobs whose spec names none
     otel_endpoint: str = ""  # OTEL_EXPORTER_OTLP_ENDPOINT handed to every pod ('' = none)
     resync_seconds: float = 10.0  # how often a job's pods and trainer status are re-read
     rdzv_port: int = 29400

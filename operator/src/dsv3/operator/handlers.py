@@ -94,7 +94,7 @@ def reconcile_training(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, c
     generation = int(meta.get("generation") or 1)
     try:
         check_name(meta["name"])
-        spec = parse_training(body.get("spec") or {}, cfg.checkpoint_address)
+        spec = parse_training(body.get("spec") or {}, cfg.checkpoint_address, cfg.gpu_resource)
     except SpecError as err:
         _invalid(patch, status, generation, err, "training")
         return
@@ -163,7 +163,7 @@ def reconcile_serving(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, cf
     generation = int(meta.get("generation") or 1)
     try:
         check_name(meta["name"])
-        spec = parse_serving(body.get("spec") or {}, cfg.checkpoint_address, cfg.redis_url)
+        spec = parse_serving(body.get("spec") or {}, cfg.checkpoint_address, cfg.redis_url, cfg.gpu_resource)
     except SpecError as err:
         _invalid(patch, status, generation, err, "serving")
         return

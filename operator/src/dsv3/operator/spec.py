@@ -79,9 +79,9 @@ class Placement:
     tolerations: tuple[Mapping[str, Any], ...] = ()
 
 
-def _gpu(obj: Mapping[str, Any], path: str) -> Gpu:
+def _gpu(obj: Mapping[str, Any], path: str, default_name: str) -> Gpu:
     g = _map(obj, path, "gpu")
-    return Gpu(_str(g, f"{path}.gpu", "resourceName", "nvidia.com/gpu"), _int(g, f"{path}.gpu", "count", 0))
+    return Gpu(_str(g, f"{path}.gpu", "resourceName", "") or default_name, _int(g, f"{path}.gpu", "count", 0))
 
 
 def _placement(spec: Mapping[str, Any]) -> Placement:
@@ -140,7 +140,9 @@ class TrainingSpec:
         return self.world_size // self.expert_parallel
 
 
-def parse_training(spec: Mapping[str, Any], default_checkpoint: str = "") -> TrainingSpec:
+def parse_training(
+    spec: Mapping[str, Any], default_checkpoint: str = "", default_gpu: str = "nvidia.com/gpu"
+) -> TrainingSpec:
     """Validate a DeepSeekTrainingJob spec (defaults as in the CRD) or raise SpecError naming the field."""
     image = _str(spec, "spec", "image")
     if not image:
@@ -182,7 +184,7 @@ def parse_training(spec: Mapping[str, Any], default_checkpoint: str = "") -> Tra
             f"dataParallel*expertParallel = {par['dataParallel']}*{ep} != nodes*procsPerNode = {nodes * ppn}",
         )
     res = _map(spec, "spec", "resources")
-    gpu = _gpu(res, "spec.resources")
+    gpu = _gpu(res, "spec.resources", default_gpu)
     if gpu.count and gpu.count < ppn:
         raise SpecError("spec.resources.gpu.count", f"{gpu.count} GPUs cannot hold procsPerNode = {ppn}")
     env = spec.get("env") or []
@@ -262,7 +264,10 @@ class ServingSpec:
 
 
 def parse_serving(
-    spec: Mapping[str, Any], default_checkpoint: str = "", default_redis: str = ""
+    spec: Mapping[str, Any],
+    default_checkpoint: str = "",
+    default_redis: str = "",
+    default_gpu: str = "nvidia.com/gpu",
 ) -> ServingSpec:
     """Validate a DeepSeekServingJob spec or raise SpecError naming the field."""
     image = _str(spec, "spec", "image")
@@ -316,7 +321,7 @@ def parse_serving(
         shard_replicas=_int(shards, "spec.shards", "replicas", 2),
         shard_capacity=_int(shards, "spec.shards", "capacity", 64, 1),
         shard_port=ports["spec.shards.port"],
-        shard_gpu=_gpu(shards, "spec.shards"),
+        shard_gpu=_gpu(shards, "spec.shards", default_gpu),
         shard_resources=_map(shards, "spec.shards", "resources"),
         rebalance_interval_seconds=_int(spec, "spec", "rebalanceIntervalSeconds", 300),
         redis_url=_str(spec, "spec", "redisUrl", "") or default_redis,
