@@ -220,7 +220,14 @@ def test_invalid_spec_is_a_condition_and_creates_nothing(cluster: Cluster) -> No
     time.sleep(0.7)
     assert cluster.pods("bad-parallel") == []
     assert cluster.get("services", "-l", "dsv3.dev/job=bad-parallel")["items"] == []
+    # Fixing the spec clears the condition and the job starts.
+    cluster.kubectl(
+        "patch", "dstj", "bad-parallel", "--type=merge", "-p", '{"spec":{"parallelism":{"expertParallel":2}}}'
+    )
+    wait_for("pods after the fix", lambda: len(cluster.pods("bad-parallel")) == 2)
+    wait_for("Created", lambda: state(cluster, "dstj", "bad-parallel")[:2] == ("Created", "JobCreated"))
     cluster.kubectl("delete", "dstj", "bad-parallel", "--wait=false")
+    wait_for("children deleted", lambda: not cluster.pods("bad-parallel"))
 
 
 def test_serving_job_scales_with_kubectl_scale(cluster: Cluster) -> None:

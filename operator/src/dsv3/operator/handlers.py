@@ -100,6 +100,9 @@ def reconcile_training(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, c
         return
     owner = _owner("DeepSeekTrainingJob", meta)
     ns = owner.namespace
+    conds = status.get("conditions") or []
+    if any(c.get("reason") == "InvalidSpec" for c in conds):  # fixed since: start from scratch
+        status["conditions"] = [c for c in conds if c.get("reason") != "InvalidSpec"]
     selector = f"{JOB_LABEL}={owner.name},{COMPONENT_LABEL}=trainer"
     pods = [PodView.from_pod(p, RANK_LABEL, RESTART_LABEL) for p in kube.list("v1", "Pod", ns, selector)]
     decision = decide(owner.name, spec, status, pods, _now(), generation)
