@@ -234,10 +234,14 @@ def test_serving_job_scales_with_kubectl_scale(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--validate=false", "-f", str(EXAMPLES / "serving.yaml"))
     sts = wait_for("shard StatefulSet", lambda: cluster.get("statefulset", "debug-serve-shard"))
     assert sts["spec"]["replicas"] == 2
-    router = cluster.get("deployment", "debug-serve-router")["spec"]["template"]["spec"]["containers"][0]
+    router = wait_for("router", lambda: cluster.get("deployment", "debug-serve-router"))
+    router = router["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in router["env"]}
     assert env["DSV3_SHARDS_DNS"] == "debug-serve-shards.default.svc.cluster.local:50090"
-    assert cluster.get("service", "debug-serve-shards")["spec"]["clusterIP"] == "None"
+    assert (
+        wait_for("shard service", lambda: cluster.get("service", "debug-serve-shards"))["spec"]["clusterIP"]
+        == "None"
+    )
 
     cluster.kubectl("scale", "dssj/debug-serve", "--replicas=5")
     wait_for("5 replicas", lambda: cluster.get("statefulset", "debug-serve-shard")["spec"]["replicas"] == 5)
@@ -267,3 +271,20 @@ def test_serving_job_scales_with_kubectl_scale(cluster: Cluster) -> None:
             and not cluster.get("configmaps", "-l", "dsv3.dev/job=debug-serve")["items"]
         ),
     )
+
+
+def test_suspend_deletes_workers_and_resume_starts_a_new_rendezvous(cluster: Cluster) -> None:
+    doc = yaml.safe_load((EXAMPLES / "training-debug.yaml").read_text())
+    doc["metadata"]["name"] = "pausable"
+    cluster.kubectl("apply", "--validate=false", "-f", "-", stdin=yaml.safe_dump(doc))
+    wait_for("2 pods", lambda: len(cluster.pods("pausable")) == 2)
+    suspend = '{"spec":{"runPolicy":{"suspend":%s}}}'
+    cluster.kubectl("patch", "dstj", "pausable", "--type=merge", "-p", suspend % "true")
+    wait_for("Suspended", lambda: state(cluster, "dstj", "pausable")[:2] == ("Suspended", "JobSuspended"))
+    wait_for("no pods", lambda: cluster.pods("pausable") == [])
+    cluster.kubectl("patch", "dstj", "pausable", "--type=merge", "-p", suspend % "false")
+    new = ["pausable-w0-r1", "pausable-w1-r1"]
+    wait_for("new pods", lambda: sorted(p["metadata"]["name"] for p in cluster.pods("pausable")) == new)
+    assert state(cluster, "dstj", "pausable")[:2] == ("Created", "JobResumed")
+    cluster.kubectl("delete", "dstj", "pausable", "--wait=false")
+    wait_for("children deleted", lambda: not cluster.pods("pausable"))
