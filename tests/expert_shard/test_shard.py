@@ -1,4 +1,4 @@
-"""The expert shard as a real process: LoadSlots (HF directory, checkpoint service), Compute, DropSlots, Status."""
+"""The expert shard as a real process: LoadSlots (HF directory, checkpoint service), Compute, Drop, Status."""
 
 from __future__ import annotations
 

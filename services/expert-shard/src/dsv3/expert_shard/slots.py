@@ -73,8 +73,8 @@ class SlotStore:
             if tuple(gate_up.shape) != (2 * width, hidden) or tuple(down.shape) != (hidden, width):
                 raise SlotError(
                     "slots",
-                    f"(layer {slot[0]}, expert {slot[1]}) has shapes {tuple(gate_up.shape)}/{tuple(down.shape)}, "
-                    f"expected {(2 * width, hidden)}/{(hidden, width)}",
+                    f"(layer {slot[0]}, expert {slot[1]}) has shapes "
+                    f"{tuple(gate_up.shape)}/{tuple(down.shape)}, expected {(2 * width, hidden)}/{(hidden, width)}",
                 )
         with self._lock:
             for slot in new:

@@ -32,7 +32,7 @@ def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
 
 
 class HfDirectory:
-    """A Hugging Face / DeepSeek release directory: an index of which file holds each tensor (headers only)."""
+    """A Hugging Face / DeepSeek release directory, indexed by which file holds each tensor (headers)."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
