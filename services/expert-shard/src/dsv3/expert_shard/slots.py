@@ -74,7 +74,8 @@ class SlotStore:
                 raise SlotError(
                     "slots",
                     f"(layer {slot[0]}, expert {slot[1]}) has shapes "
-                    f"{tuple(gate_up.shape)}/{tuple(down.shape)}, expected {(2 * width, hidden)}/{(hidden, width)}",
+                    f"{tuple(gate_up.shape)}/{tuple(down.shape)}, "
+                    f"expected {(2 * width, hidden)}/{(hidden, width)}",
                 )
         with self._lock:
             for slot in new:
