@@ -67,6 +67,16 @@ def test_forward_equals_in_process(cluster, model) -> None:
     assert expected.abs().max().item() > 1e-2
 
 
+def test_one_compute_per_shard_per_moe_layer(cluster) -> None:
+    _, _, client = cluster
+    before = {s.address: s.compute_calls for s in client.placement().shards}
+    client.forward(torch.randint(0, 320, (4, 32)))  # 128 tokens x 4 choices over 16 experts, 2 MoE layers
+    after = {s.address: s.compute_calls for s in client.placement().shards}
+    calls = {a: after[a] - before[a] for a in after}
+    assert all(0 <= n <= 2 for n in calls.values()), calls  # at most one per MoE layer
+    assert sum(calls.values()) >= 2, calls  # each MoE layer called at least one shard
+
+
 def test_placement_every_expert_on_both_shards(cluster) -> None:
     _, _, client = cluster
     placement = client.placement()

@@ -51,18 +51,20 @@ class PlacementRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("address", "shard_id", "live", "slots", "tokens")
+    __slots__ = ("address", "shard_id", "live", "slots", "tokens", "compute_calls")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CALLS_FIELD_NUMBER: _ClassVar[int]
     address: str
     shard_id: str
     live: bool
     slots: _containers.RepeatedCompositeFieldContainer[_expert_pb2.SlotId]
     tokens: int
-    def __init__(self, address: _Optional[str] = ..., shard_id: _Optional[str] = ..., live: _Optional[bool] = ..., slots: _Optional[_Iterable[_Union[_expert_pb2.SlotId, _Mapping]]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    compute_calls: int
+    def __init__(self, address: _Optional[str] = ..., shard_id: _Optional[str] = ..., live: _Optional[bool] = ..., slots: _Optional[_Iterable[_Union[_expert_pb2.SlotId, _Mapping]]] = ..., tokens: _Optional[int] = ..., compute_calls: _Optional[int] = ...) -> None: ...
 
 class PlacementResponse(_message.Message):
     __slots__ = ("shards", "balancedness", "replicas")

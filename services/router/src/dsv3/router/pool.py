@@ -46,6 +46,7 @@ class Shard:
     held: set[Slot] = dataclasses.field(default_factory=set)
     outstanding: int = 0  # rows in flight
     rows_sent: int = 0
+    calls: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +271,7 @@ class ShardPool:
             row_weights=tensor_codec.encode(weights_N.index_select(0, index).float()),
         )
         shard.outstanding += rows.shape[0]
+        shard.calls += 1
         try:
             reply = await shard.stub.Compute(request, timeout=self.timeout)
         finally:

@@ -111,6 +111,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     live=shard.live,
                     slots=[expert_pb2.SlotId(layer=l, expert=e) for l, e in sorted(shard.held)],
                     tokens=shard.rows_sent,
+                    compute_calls=shard.calls,
                 )
             )
         live = [s for s in self.pool.shards.values() if s.live]
