@@ -42,8 +42,10 @@ def plan(slots: list[Slot], shards: list[ShardCapacity], replicas: int) -> Plan:
     capacity = {s.address: min(s.capacity, share) for s in shards}
     count: dict[Slot, int] = dict.fromkeys(slots, 0)
     wanted_set = set(slots)
-    for shard in shards:  # keep what is already there, up to the even share and `copies` per slot
-        for slot in sorted(shard.held & wanted_set):
+    for index, shard in enumerate(shards):  # keep what is there, up to the even share and `copies` a slot
+        kept = sorted(shard.held & wanted_set)
+        start = index * len(kept) // len(shards)  # shards holding the same slots keep different ones first
+        for slot in kept[start:] + kept[:start]:
             if len(assigned[shard.address]) < capacity[shard.address] and count[slot] < copies:
                 assigned[shard.address].append(slot)
                 count[slot] += 1
