@@ -231,3 +231,26 @@ def test_loads_only_its_experts_from_the_checkpoint_service(spawn, model, tmp_pa
                 timeout=30,
             )
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_announces_itself_and_withdraws_on_sigterm(spawn, redis_url, poll_until) -> None:
+    import redis
+
+    proc = spawn(
+        "dsv3.expert_shard", "--capacity", "2", "--device", "cpu", "--shard-id", "shard-x", start=False
+    )
+    proc.args += [
+        "--redis-url",
+        redis_url,
+        "--registry-ttl-seconds",
+        "3",
+        "--advertise-address",
+        proc.address,
+    ]
+    proc.start()
+    client = redis.Redis.from_url(redis_url)
+    poll_until(lambda: client.get("dsv3:shards:shard-x") == proc.address.encode(), 10, "the announcement")
+    assert 0 < client.pttl("dsv3:shards:shard-x") <= 3000  # expires unless renewed
+    assert proc.stop() == 0  # SIGTERM: drains and exits cleanly ...
+    assert client.get("dsv3:shards:shard-x") is None  # ... and leaves the registry at once
+    client.close()

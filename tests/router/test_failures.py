@@ -137,3 +137,35 @@ def test_expert_without_replica_is_unavailable_then_recovers(spawn, hf_dir, mode
         spawn("dsv3.expert_shard", "--capacity", "16", "--device", "cpu", port=shards[1].port)
         poll_until(lambda: _live(client)[shards[1].address] == (True, 16), 30, "the shard to come back")
         assert client.generate(prompt, 4) == expected
+
+
+def test_hung_shard_times_out_and_its_rows_go_to_the_other_replica(spawn, hf_dir, model, poll_until) -> None:
+    import signal
+
+    shards = [spawn("dsv3.expert_shard", "--capacity", "32", "--device", "cpu") for _ in range(2)]
+    router = spawn(
+        "dsv3.router",
+        "--model-dir",
+        str(hf_dir),
+        "--device",
+        "cpu",
+        "--max-length",
+        "64",
+        "--shards",
+        ",".join(s.address for s in shards),
+        "--shard-timeout-seconds",
+        "1",
+    )
+    prompt = torch.randint(0, 320, (9,)).tolist()
+    expected = _greedy(model, prompt, 4)
+    with RouterClient(router.address, timeout_seconds=30) as client:
+        shards[0].process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            begin = time.monotonic()
+            assert client.generate(prompt, 4) == expected
+            assert time.monotonic() - begin < 10  # one deadline, then the other replica
+            assert _live(client)[shards[0].address][0] is False
+        finally:
+            shards[0].process.send_signal(signal.SIGCONT)
+        poll_until(lambda: _live(client)[shards[0].address][0], 30, "the shard to be healthy again")
+        assert client.generate(prompt, 4) == expected
