@@ -23,10 +23,10 @@ class SlotCache:
         weight = model.lm_head.weight
         layers = config.num_hidden_layers
         self.max_length = max_length
-        self.latent_LSMC = torch.zeros(
+        self.latent_LBMC = torch.zeros(
             layers, max_batch, max_length, config.kv_lora_rank, dtype=weight.dtype, device=weight.device
         )
-        self.rope_key_LSMR = torch.zeros(
+        self.rope_key_LBMR = torch.zeros(
             layers, max_batch, max_length, config.qk_rope_head_dim, dtype=weight.dtype, device=weight.device
         )
         self.lengths = [0] * max_batch
@@ -73,10 +73,10 @@ def _attention(
     rope_key = _rotate(rope_key.unsqueeze(2), cos, sin).squeeze(2)
     latent = attn.kv_a_layernorm(latent)
     rows = slots_B[:, None].expand(-1, tokens)
-    cache.latent_LSMC[layer, rows, pos_BT] = latent
-    cache.rope_key_LSMR[layer, rows, pos_BT] = rope_key
-    latent_BMC = cache.latent_LSMC[layer, slots_B, :keys]
-    rope_key_BMR = cache.rope_key_LSMR[layer, slots_B, :keys]
+    cache.latent_LBMC[layer, rows, pos_BT] = latent
+    cache.rope_key_LBMR[layer, rows, pos_BT] = rope_key
+    latent_BMC = cache.latent_LBMC[layer, slots_B, :keys]
+    rope_key_BMR = cache.rope_key_LBMR[layer, slots_B, :keys]
     w_kv = attn.kv_b_proj.weight.unflatten(0, (attn.num_heads, attn.nope_dim + attn.v_dim))
     w_uk_HUC, w_uv_HAC = w_kv.split([attn.nope_dim, attn.v_dim], dim=1)
     q_latent_BTHC = torch.einsum("bthn,hnc->bthc", q_nope, w_uk_HUC)
