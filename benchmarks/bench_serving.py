@@ -5,7 +5,8 @@ All rows in one run, on the `bench_model.py` config with the same weights, 128-t
   `DeepseekV3ForCausalLM.generate` in-process, (b) dsv3's `generation.generate` in-process, (c) the
   router with 2 expert shards (real processes on loopback, B concurrent Generate streams). Contenders
   alternate within each repeat so machine noise hits all alike; the best repeat of each is kept.
-  Decode rate = B * (N - 1) / (time(N new tokens) - time(1 new token)); prefill = B * 128 / time(1).
+  Prefill = B * 128 / (time to every sequence's first token); decode = B * (N - 1) / (time from
+  there to the last token); transformers' first-token time comes from a `streamer`.
 - per-MoE-layer dispatch overhead: one layer's rows of a batch-64 decode step (64 x 6 rows) through
   the router's `ShardPool.compute` to the 2 shards, less the shards' compute, against a plain gRPC
   echo of the same bytes to 2 echo processes (the transport floor).
@@ -82,52 +83,75 @@ def _wait_serving(address: str, timeout: float = 120) -> None:
     raise TimeoutError(f"{address} not serving")
 
 
-async def _router_batch(address: str, prompts: list[list[int]], new: int) -> float:
+async def _router_batch(address: str, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """(seconds until every stream has its first token, seconds from then to the last token)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
+        firsts: list[float] = []
 
         async def one(prompt: list[int]) -> int:
             n = 0
-            async for _ in stub.Generate(
-                router_pb2.GenerateRequest(prompt_ids=prompt, max_tokens=new), timeout=600
-            ):
+            request = router_pb2.GenerateRequest(prompt_ids=prompt, max_tokens=new)
+            async for _ in stub.Generate(request, timeout=600):
                 n += 1
+                if n == 1:
+                    firsts.append(time.perf_counter())
             return n
 
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(p) for p in prompts))
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
     assert counts == [new] * len(prompts), counts
-    return elapsed
+    return max(firsts) - start, end - max(firsts)
 
 
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+class _FirstTokenClock:
+    """A transformers streamer that notes when the first new tokens arrive (after the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = 0.0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
-def _contenders(ours, theirs, router: str, new: int):
-    """name -> (time of 1 new token, time of `new` tokens) for a prompt batch."""
+def _contenders(ours, theirs, router: str):
+    """name -> fn(ids [B, T], new tokens) -> (prefill seconds, decode seconds)."""
 
-    def hf(ids: torch.Tensor, n: int) -> float:
-        mask = torch.ones_like(ids)
+    def hf(ids: torch.Tensor, n: int) -> tuple[float, float]:
+        clock = _FirstTokenClock()
+        start = time.perf_counter()
         with torch.no_grad():
-            return _time(
-                lambda: theirs.generate(
-                    ids,
-                    attention_mask=mask,
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
+            theirs.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                streamer=clock,
             )
+        end = time.perf_counter()
+        return clock.first - start, end - clock.first
 
-    def dsv3(ids: torch.Tensor, n: int) -> float:
-        return _time(lambda: generate(ours, ids, n))
+    @torch.no_grad()
+    def dsv3(ids: torch.Tensor, n: int) -> tuple[float, float]:
+        # `generation.generate`'s loop, with a clock after the prefill
+        start = time.perf_counter()
+        cache = ours.new_cache(ids.shape[0], ids.shape[1] + n)
+        next_ids = ours(ids, cache=cache).logits[:, -1].argmax(-1)
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            next_ids = ours(next_ids[:, None], cache=cache).logits[:, -1].argmax(-1)
+        return first - start, time.perf_counter() - first
 
-    def routed(ids: torch.Tensor, n: int) -> float:
+    def routed(ids: torch.Tensor, n: int) -> tuple[float, float]:
         return asyncio.run(_router_batch(router, ids.tolist(), n))
 
     return {"transformers": hf, "dsv3": dsv3, "router+2 shards": routed}
@@ -152,9 +176,10 @@ async def _dispatch_overhead(shards: list[str], hf_dir: Path, config: ModelConfi
     moe = model.model.layers[layer].mlp.experts
     echo_ports = [free_port() for _ in shards]
     echoes = [subprocess.Popen([sys.executable, __file__, "--echo-server", str(p)]) for p in echo_ports]
-    await asyncio.sleep(2.0)
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in echo_ports]
     calls = [c.unary_unary(ECHO) for c in channels]
+    for call in calls:  # the echo processes import torch first: wait until they answer
+        await call(b"", timeout=120, wait_for_ready=True)
     try:
         best_layer = best_echo = best_compute = float("inf")
         for _ in range(repeats * 20):
@@ -170,10 +195,13 @@ async def _dispatch_overhead(shards: list[str], hf_dir: Path, config: ModelConfi
             start = time.perf_counter()
             await asyncio.gather(*(call(p, timeout=30) for call, p in zip(calls, payloads, strict=True)))
             best_echo = min(best_echo, time.perf_counter() - start)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as on the shards (OMP_NUM_THREADS=1)
             start = time.perf_counter()  # the shards' work: all rows on one thread, halved (2 shards at once)
             with torch.no_grad():
                 ops.grouped_swiglu(rows, torch.tensor(counts), moe.gate_up_proj, moe.down_proj, weights)
             compute = (time.perf_counter() - start) / 2
+            torch.set_num_threads(threads)
             best_compute = min(best_compute, compute)
     finally:
         for c in channels:
@@ -267,7 +295,7 @@ def main() -> None:
         first = generate(ours, probe, 4)[0, 32:].tolist()
         if asyncio.run(_router_tokens(router, probe[0].tolist(), 4)) != first:
             raise SystemExit("router and in-process greedy tokens differ; refusing to time them")
-        contenders = _contenders(ours, theirs, router, args.new_tokens)
+        contenders = _contenders(ours, theirs, router)
         rows = []
         for batch in BATCHES:
             ids = torch.randint(0, config.vocab_size, (batch, PROMPT))
@@ -276,9 +304,9 @@ def main() -> None:
             best = {name: [float("inf"), float("inf")] for name in contenders}
             for _ in range(args.repeats):
                 for name, fn in contenders.items():
-                    one, many = fn(ids, 1), fn(ids, args.new_tokens)
-                    best[name][0] = min(best[name][0], one)
-                    best[name][1] = min(best[name][1], max(many - one, 1e-9))
+                    prefill, decode = fn(ids, args.new_tokens)
+                    best[name][0] = min(best[name][0], prefill)
+                    best[name][1] = min(best[name][1], decode)
             for name, (one, decode) in best.items():
                 rows.append(
                     {
