@@ -209,8 +209,9 @@ async def serve(config: RouterConfig) -> None:
         deadline = loop.time() + config.startup_timeout_seconds
         while True:
             await pool.set_members(await _discover(config), forget_missing=False)
-            uncovered = pool.plan.uncovered(slots)
-            if pool.shards and not uncovered and all(s.live for s in pool.shards.values()):
+            live = [s for s in pool.shards.values() if s.live]
+            uncovered = [slot for slot in slots if not any(slot in s.held for s in live)]
+            if live and not uncovered:  # every expert has a live replica (a down shard may rejoin later)
                 break
             if loop.time() > deadline:
                 raise RuntimeError(
