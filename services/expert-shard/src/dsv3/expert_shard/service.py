@@ -2,7 +2,8 @@
 
 A large Compute runs in a worker thread (torch releases the GIL), so health checks and Status stay
 responsive while it computes; a small one (a decode step's rows, well under a millisecond) runs on the
-event loop, where the thread hop would cost more than the work. Starts empty and SERVING; NOT_SERVING while draining on SIGTERM.
+event loop, where the thread hop would cost more than the work. Starts empty and SERVING;
+NOT_SERVING while draining on SIGTERM.
 """
 
 from __future__ import annotations
