@@ -151,4 +151,12 @@ def test_bad_forward_requests_are_invalid_argument(cluster) -> None:
             client.forward(ids)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("input_ids") and what in err.value.details()
+    from dsv3.rpc.v1 import router_pb2, tensor_pb2
+
+    short = tensor_pb2.Tensor(dtype=tensor_pb2.INT64, shape=[1, 4], data=b"\0" * 8)  # 8 bytes, not 32
+    for bad in (short, tensor_pb2.Tensor(dtype=tensor_pb2.FLOAT32, shape=[1, 1], data=b"\0" * 4)):
+        with pytest.raises(grpc.RpcError) as err:
+            client.stub.Forward(router_pb2.ForwardRequest(input_ids=bad), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("input_ids")
     assert client.forward([[1, 2, 3]]).shape == (1, 3, 320)
