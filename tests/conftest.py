@@ -6,9 +6,15 @@ picks the interpreter at decoration time. pytest imports this conftest before co
 this holds for the whole suite and for any subset. With CUDA the same tests run the compiled kernels.
 """
 
+from __future__ import annotations
+
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +100,157 @@ def tiled_randn() -> Callable[..., torch.Tensor]:
     """Gaussian values whose 1x128 tiles of the last dim have magnitudes 10**U(-3, 3): a kernel applying the
     wrong tile's scale would be far off."""
     return _tiled_randn
+
+
+# ---- service processes (expert shards, router): real servers on loopback ---------------------------
+class ServiceProcess:
+    """`python -m <module> --port P ...` as a subprocess; `start` waits until its health says SERVING."""
+
+    def __init__(self, module: str, workdir: Path, *args: str, port: int | None = None) -> None:
+        from dsv3.serving.ports import free_port
+
+        self.module = module
+        self.args = list(args)
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = workdir / f"{module.rsplit('.', 1)[-1]}-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> ServiceProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            self.module,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+    def health(self) -> int:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            return (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            )
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.module} exited with {self.process.returncode}: {self.log.read_text()}"
+                )
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.module} not serving after {timeout}s: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait(timeout=10)
+        return self.process.returncode if self.process else None
+
+
+def _spawner(workdir: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def make(module: str, *args: str, start: bool = True, port: int | None = None) -> ServiceProcess:
+        proc = ServiceProcess(module, workdir, *args, port=port)
+        started.append(proc)
+        return proc.start() if start else proc
+
+    yield make
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """`spawn(module, *args, start=True)`: a service process, stopped at teardown."""
+    yield from _spawner(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def spawn_module(tmp_path_factory) -> Iterator[Callable[..., ServiceProcess]]:
+    """`spawn` for processes shared by a whole test module."""
+    yield from _spawner(tmp_path_factory.mktemp("procs"))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def poll_until() -> Callable[..., None]:
+    return wait_for
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A throwaway redis-server (no persistence) on a free port."""
+    import redis
+
+    from dsv3.serving.ports import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    wait_for(lambda: _pings(client), 10, "redis-server")
+    client.close()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False

@@ -1,0 +1,1 @@
+"""dsv3 expert shard: routed-expert slots behind gRPC (`ExpertShardService`)."""

@@ -1,0 +1,65 @@
+"""Settings of the router; every field is a flag and a `DSV3_*` environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    port: int = 50090
+    host: str = "0.0.0.0"
+    model_dir: str | None = None  # Hugging Face layout (also DeepSeek's FP8 release) ...
+    checkpoint: str | None = None  # ... or the checkpoint service's address, with --job [--step]
+    job: str | None = None
+    model_config: str = ""  # with --checkpoint: a flavour name (debug, 16b, 671b) or a config.json path
+    step: int = -1  # -1: the latest committed step
+    shards: str = ""  # host:port,host:port (static list) ...
+    shards_dns: str = ""  # ... or NAME:PORT of a headless Service, re-resolved every discovery interval ...
+    redis_url: str | None = None  # ... or the Redis registry the shards announce themselves in
+    replicas: int = 2  # copies of each expert, when the shards' slots allow
+    device: str = ""  # cpu | cuda; empty: cuda when present
+    max_batch: int = 64  # sequences decoded together
+    max_length: int = 0  # context per sequence (prompt + new tokens); 0: min(max_position_embeddings, 4096)
+    shard_timeout_seconds: float = 10.0  # deadline of one Compute call
+    load_timeout_seconds: float = 300.0  # deadline of one LoadSlots call
+    health_interval_seconds: float = 0.5  # how often a down shard is checked
+    discovery_interval_seconds: float = 2.0
+    startup_timeout_seconds: float = 120.0  # wait this long for shards at start
+    max_message_bytes: int = 256 << 20
+    grace_seconds: float = 5.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        for name in ("model_dir", "checkpoint", "job", "redis_url"):
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
+        if (self.model_dir is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of --model-dir or --checkpoint (with --job)")
+        if self.checkpoint is not None and not (self.job and self.model_config):
+            raise ValueError("--checkpoint needs --job and --model-config")
+        if sum(bool(x) for x in (self.shards, self.shards_dns, self.redis_url)) != 1:
+            raise ValueError("give exactly one of --shards, --shards-dns or --redis-url")
+        if self.shards_dns and ":" not in self.shards_dns:
+            raise ValueError(f"--shards-dns must be NAME:PORT, got {self.shards_dns!r}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.max_batch < 1 or self.max_length < 0:
+            raise ValueError("max_batch must be >= 1 and max_length >= 0")
+        for name in (
+            "shard_timeout_seconds",
+            "load_timeout_seconds",
+            "health_interval_seconds",
+            "discovery_interval_seconds",
+            "startup_timeout_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if not self.device:
+            import torch
+
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def static_shards(self) -> list[str]:
+        return [a.strip() for a in self.shards.split(",") if a.strip()]

@@ -1,0 +1,197 @@
+"""Continuous batching: requests join and leave between decode steps; one forward per step for all.
+
+Each loop iteration prefills every waiting request that has a free cache slot in one batched forward
+(their first token), then runs one decode forward for every active request. The model runs on the
+single model thread (`executor`), so a step and a `Forward` never overlap; the loop itself stays free
+to serve RPCs and to run the shard fan-out that the step's MoE layers hand to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from concurrent.futures import Executor
+
+import torch
+
+from dsv3.model import DeepSeekV3
+from dsv3.router.batched import SlotCache, step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as asked; `field` names the culprit (INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+_DONE = object()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    slot: int = -1
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+
+def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0; else temperature, then top-k, then top-p (nucleus), then a draw."""
+    logits = logits_V.float().cpu()
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
+        sorted_probs[before >= params.top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    def __init__(self, model: DeepSeekV3, max_batch: int, max_length: int, executor: Executor) -> None:
+        self.model = model
+        self.max_length = max_length
+        self.vocab = model.config.vocab_size
+        self.cache = SlotCache(model, max_batch, max_length)
+        self.executor = executor
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+        self.wake = asyncio.Event()
+        self.steps = 0  # decode forwards run (one per step, whatever the batch)
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise RequestError("prompt_ids", "must not be empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab]
+        if bad:
+            raise RequestError("prompt_ids", f"token {bad[0]} outside the vocabulary [0, {self.vocab})")
+        if params.max_tokens <= 0:
+            raise RequestError("max_tokens", f"must be > 0, got {params.max_tokens}")
+        if len(prompt) + params.max_tokens > self.max_length:
+            raise RequestError(
+                "max_tokens",
+                f"{len(prompt)} prompt + {params.max_tokens} new tokens exceed the context "
+                f"of {self.max_length}",
+            )
+        if not params.temperature >= 0:
+            raise RequestError("temperature", f"must be >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise RequestError("top_p", f"must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise RequestError("top_k", f"must be >= 0, got {params.top_k}")
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+        self.validate(prompt, params)
+        request = Request(list(prompt), params)
+        self.waiting.append(request)
+        self.wake.set()
+        return request
+
+    def _emit(self, request: Request, token: int) -> bool:
+        """Hand the token out; True when the request is finished."""
+        request.generated.append(token)
+        request.queue.put_nowait(token)
+        done = len(request.generated) >= request.params.max_tokens or token in request.params.stop
+        if done:
+            request.queue.put_nowait(_DONE)
+        return done
+
+    def _finish(self, request: Request) -> None:
+        if request.slot >= 0:
+            self.cache.release(request.slot)
+            request.slot = -1
+        if request in self.active:
+            self.active.remove(request)
+
+    def _fail(self, requests: list[Request], exc: BaseException) -> None:
+        for request in requests:
+            request.queue.put_nowait(exc)
+            self._finish(request)
+
+    def _sample_all(self, logits_BV: torch.Tensor, requests: list[Request]) -> list[int]:
+        return [sample(logits_BV[b], r.params, r.generator) for b, r in enumerate(requests)]
+
+    async def _run_step(self, requests: list[Request], token_lists: list[list[int]]) -> list[int]:
+        def work() -> list[int]:
+            logits = step(self.model, self.cache, [r.slot for r in requests], token_lists)
+            return self._sample_all(logits, requests)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    async def run(self) -> None:
+        while True:
+            for request in [r for r in self.active if r.cancelled]:
+                self._finish(request)
+            self.waiting = [r for r in self.waiting if not r.cancelled]
+            if not self.waiting and not self.active:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            joining = self.waiting[: len(self.cache.free)]
+            self.waiting = self.waiting[len(joining) :]
+            if joining:
+                for request in joining:
+                    request.slot = self.cache.take()
+                try:
+                    tokens = await self._run_step(joining, [r.prompt for r in joining])
+                except Exception as exc:
+                    log.warning("prefill failed: %s", exc)
+                    self._fail(joining, exc)
+                    continue
+                for request, token in zip(joining, tokens, strict=True):
+                    if self._emit(request, token):
+                        self._finish(request)
+                    else:
+                        self.active.append(request)
+            decoding = [r for r in self.active if not r.cancelled]
+            if not decoding:
+                continue
+            try:
+                tokens = await self._run_step(decoding, [[r.generated[-1]] for r in decoding])
+            except Exception as exc:
+                log.warning("decode step failed: %s", exc)
+                self._fail(decoding, exc)
+                continue
+            self.steps += 1
+            for request, token in zip(decoding, tokens, strict=True):
+                if self._emit(request, token):
+                    self._finish(request)
+
+    @staticmethod
+    async def tokens(request: Request):
+        """The request's tokens as they come; raises what failed it."""
+        while True:
+            item = await request.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item

@@ -1,0 +1,288 @@
+"""The expert shards as the router sees them: membership, health, slots held, and the per-layer fan-out.
+
+Everything here runs on the router's event loop. `compute` is one MoE layer of one forward step: each
+chosen expert goes to one live replica (least outstanding rows), the rows are grouped per shard, every
+involved shard gets one `Compute` call, all concurrently. A shard that fails or times out is marked
+down and its rows are re-sent to other replicas within the same step; with no replica left the step
+fails with `ExpertUnavailable` naming (layer, expert). A down shard is health-checked until it answers,
+then its planned slots are reloaded (a restarted shard comes back empty) and it serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dsv3.router.placement import Plan, ShardCapacity, Slot, plan
+from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc
+from dsv3.serving import tensor_codec
+
+log = logging.getLogger(__name__)
+
+
+class ExpertUnavailable(RuntimeError):
+    """No live shard holds (layer, expert)."""
+
+    def __init__(self, layer: int, expert: int) -> None:
+        super().__init__(f"expert (layer {layer}, expert {expert}) has no live replica")
+        self.slot = (layer, expert)
+
+
+@dataclasses.dataclass
+class Shard:
+    address: str
+    channel: grpc.aio.Channel
+    stub: expert_pb2_grpc.ExpertShardServiceStub
+    health: health_pb2_grpc.HealthStub
+    shard_id: str = ""
+    capacity: int = 0
+    live: bool = False
+    held: set[Slot] = dataclasses.field(default_factory=set)
+    outstanding: int = 0  # rows in flight
+    rows_sent: int = 0
+    calls: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    """What LoadSlots requests carry besides the slots: the weight source and the expert sizes."""
+
+    hidden_size: int
+    moe_intermediate_size: int
+    hf_directory: str | None = None
+    checkpoint_job: str | None = None
+    checkpoint_step: int | None = None
+
+    def request(self, slots: list[Slot]) -> expert_pb2.LoadSlotsRequest:
+        ids = [expert_pb2.SlotId(layer=l, expert=e) for l, e in slots]
+        kwargs = dict(
+            slots=ids, hidden_size=self.hidden_size, moe_intermediate_size=self.moe_intermediate_size
+        )
+        if self.hf_directory is not None:
+            return expert_pb2.LoadSlotsRequest(
+                **kwargs, hf_directory=expert_pb2.HfDirectorySource(path=self.hf_directory)
+            )
+        source = expert_pb2.CheckpointSource(
+            job=self.checkpoint_job or "",
+            step=self.checkpoint_step or 0,
+            latest=self.checkpoint_step is None,
+        )
+        return expert_pb2.LoadSlotsRequest(**kwargs, checkpoint=source)
+
+
+class ShardPool:
+    def __init__(
+        self,
+        slots: list[Slot],
+        load: LoadSpec,
+        replicas: int,
+        timeout_seconds: float,
+        load_timeout_seconds: float,
+        max_message_bytes: int,
+    ) -> None:
+        self.slots = slots  # every (layer, expert) the model routes to
+        self.load = load
+        self.replicas = replicas
+        self.timeout = timeout_seconds
+        self.load_timeout = load_timeout_seconds
+        self.options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self.shards: dict[str, Shard] = {}
+        self.plan = Plan({})
+        self._replan_lock = asyncio.Lock()
+        self._revive: dict[str, asyncio.Task] = {}
+
+    # ---- membership ------------------------------------------------------------------------------
+    async def _probe(self, shard: Shard) -> bool:
+        """Health SERVING and Status answered: learn id, capacity and the slots it really holds."""
+        try:
+            reply = await shard.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+            status = await shard.stub.Status(expert_pb2.StatusRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        shard.shard_id, shard.capacity = status.shard_id, status.capacity
+        shard.held = {(s.slot.layer, s.slot.expert) for s in status.slots}
+        return True
+
+    def _connect(self, address: str) -> Shard:
+        channel = grpc.aio.insecure_channel(address, options=self.options)
+        return Shard(
+            address,
+            channel,
+            expert_pb2_grpc.ExpertShardServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+
+    async def set_members(self, addresses: set[str], forget_missing: bool) -> None:
+        """New addresses are probed and join (with a re-plan); missing ones leave if `forget_missing`."""
+        joined = False
+        for address in sorted(addresses - self.shards.keys()):
+            shard = self._connect(address)
+            if await self._probe(shard):
+                shard.live = False  # serves once its planned slots are loaded (in replan)
+                self.shards[address] = shard
+                joined = True
+                log.info("shard %s (%s) joined, capacity %d", address, shard.shard_id, shard.capacity)
+            else:
+                await shard.channel.close()
+        left = sorted(self.shards.keys() - addresses) if forget_missing else []
+        for address in left:
+            shard = self.shards.pop(address)
+            shard.live = False
+            log.info("shard %s left", address)
+            with contextlib.suppress(Exception):
+                await shard.channel.close()
+        if joined or left:
+            await self.replan()
+
+    async def replan(self) -> None:
+        """Re-place slots over the member shards and apply: load new slots, switch, drop old ones."""
+        async with self._replan_lock:
+            members = [s for s in self.shards.values() if s.capacity > 0]
+            current = [ShardCapacity(s.address, s.capacity, frozenset(s.held)) for s in members]
+            new = plan(self.slots, current, self.replicas)
+            self.plan = new
+            await asyncio.gather(*(self._apply(s) for s in members))
+
+    async def _apply(self, shard: Shard) -> bool:
+        wanted = self.plan.slots_of.get(shard.address, frozenset())
+        try:
+            missing = sorted(wanted - shard.held)
+            if missing:
+                await shard.stub.LoadSlots(self.load.request(missing), timeout=self.load_timeout)
+                shard.held |= set(missing)
+            shard.live = True  # serving its new slots from here on; old ones stop being chosen
+            extra = sorted(shard.held - wanted)
+            if extra:
+                shard.held -= set(extra)
+                ids = [expert_pb2.SlotId(layer=l, expert=e) for l, e in extra]
+                await shard.stub.DropSlots(expert_pb2.DropSlotsRequest(slots=ids), timeout=30)
+            return True
+        except grpc.RpcError as exc:
+            log.warning("shard %s: applying placement failed: %s", shard.address, exc.details())
+            self.mark_down(shard)
+            return False
+
+    def mark_down(self, shard: Shard) -> None:
+        if shard.live:
+            log.warning("shard %s marked down", shard.address)
+        shard.live = False
+        if shard.address not in self._revive or self._revive[shard.address].done():
+            self._revive[shard.address] = asyncio.get_running_loop().create_task(self._revive_loop(shard))
+
+    async def _revive_loop(self, shard: Shard, interval: float = 0.5) -> None:
+        """Health-check a down shard until it serves, reload its planned slots, mark it live."""
+        while self.shards.get(shard.address) is shard and not shard.live:
+            if await self._probe(shard):
+                async with self._replan_lock:
+                    if await self._apply(shard):
+                        log.info("shard %s is back with %d slots", shard.address, len(shard.held))
+                        return
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        for task in self._revive.values():
+            task.cancel()
+        for shard in self.shards.values():
+            with contextlib.suppress(Exception):
+                await shard.channel.close()
+
+    # ---- the data path ---------------------------------------------------------------------------
+    def _choose(self, layer: int, expert: int, rows: int, load: dict[str, int], exclude: set[str]) -> Shard:
+        holders = [
+            s
+            for s in self.shards.values()
+            if s.live and (layer, expert) in s.held and s.address not in exclude
+        ]
+        if not holders:
+            raise ExpertUnavailable(layer, expert)
+        best = min(holders, key=lambda s: (s.outstanding + load.get(s.address, 0), s.address))
+        load[best.address] = load.get(best.address, 0) + rows
+        return best
+
+    async def compute(
+        self, layer: int, rows_ND: torch.Tensor, counts_E: list[int], weights_N: torch.Tensor
+    ) -> torch.Tensor:
+        """The weighted expert outputs of rows grouped by expert (counts_E per layer-wide expert)."""
+        out = torch.empty_like(rows_ND)
+        starts = [0]
+        for c in counts_E:
+            starts.append(starts[-1] + c)
+        pending = [e for e, c in enumerate(counts_E) if c > 0]
+        exclude: set[str] = set()
+        while pending:
+            load: dict[str, int] = {}
+            groups: dict[str, list[int]] = {}
+            shards: dict[str, Shard] = {}
+            for e in pending:
+                shard = self._choose(layer, e, counts_E[e], load, exclude)
+                groups.setdefault(shard.address, []).append(e)
+                shards[shard.address] = shard
+            calls = [
+                self._call(shards[a], layer, experts, counts_E, starts, rows_ND, weights_N)
+                for a, experts in groups.items()
+            ]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            pending = []
+            for (address, experts), result in zip(groups.items(), results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, grpc.RpcError):
+                        raise result
+                    # Down until its health check passes and its slots are re-synced (a shard that lost
+                    # a slot answers FAILED_PRECONDITION and gets it reloaded the same way).
+                    log.warning("shard %s failed (%s): re-sending its rows", address, result.code())
+                    self.mark_down(shards[address])
+                    exclude.add(address)
+                    pending += experts
+                    continue
+                offset = 0
+                for e in experts:
+                    out[starts[e] : starts[e + 1]] = result[offset : offset + counts_E[e]]
+                    offset += counts_E[e]
+        return out
+
+    async def _call(
+        self,
+        shard: Shard,
+        layer: int,
+        experts: list[int],
+        counts_E: list[int],
+        starts: list[int],
+        rows_ND: torch.Tensor,
+        weights_N: torch.Tensor,
+    ) -> torch.Tensor:
+        index = torch.cat([torch.arange(starts[e], starts[e + 1]) for e in experts])
+        rows = rows_ND.index_select(0, index)
+        request = expert_pb2.ComputeRequest(
+            layer=layer,
+            experts=experts,
+            counts=[counts_E[e] for e in experts],
+            rows=tensor_codec.encode(rows),
+            row_weights=tensor_codec.encode(weights_N.index_select(0, index).float()),
+        )
+        shard.outstanding += rows.shape[0]
+        shard.calls += 1
+        try:
+            reply = await shard.stub.Compute(request, timeout=self.timeout)
+        finally:
+            shard.outstanding -= rows.shape[0]
+        shard.rows_sent += rows.shape[0]
+        result = tensor_codec.decode(reply.rows)
+        if tuple(result.shape) != tuple(rows.shape):
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                f"shard returned {list(result.shape)} rows for {list(rows.shape)}",
+            )
+        return result
