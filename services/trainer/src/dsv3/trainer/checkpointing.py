@@ -65,7 +65,7 @@ class Checkpointer:
         layout = self.groups.layout
         out = {}
         for name, tensor in to_hf_state_dict(self.model).items():
-            if _RELEASE_EXPERT.search(name) and "shared_experts" not in name:
+            if _RELEASE_EXPERT.search(name):
                 if layout.dp_rank == 0:
                     out[name] = tensor
             elif layout.rank == 0:
@@ -154,5 +154,6 @@ class Checkpointer:
         if same_world:
             torch.set_rng_state(loaded[rng_name])
         self.last_committed = step
-        log.info("resumed job=%s from step %d (saved on %d ranks)", self.job, step, meta["world"])
+        if self.groups.layout.rank == 0:
+            log.info("resumed job=%s from step %d (saved on %d ranks)", self.job, step, meta["world"])
         return Resumed(step, int(meta["consumed"]), int(meta["tokens"]), meta)

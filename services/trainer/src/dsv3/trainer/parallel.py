@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,13 @@ def init_groups(layout: Layout, backend: str, timeout_seconds: float) -> Groups:
     timeout = datetime.timedelta(seconds=timeout_seconds)
     if layout.world == 1 and not dist.is_initialized():
         return Groups(layout, None, None, None, [0])
-    dist.init_process_group(backend, timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=_attempt_store(layout, timeout),
+        rank=layout.rank,
+        world_size=layout.world,
+        timeout=timeout,
+    )
     ep_group = dp_group = None
     dp_ranks: list[int] = []
     for d in range(layout.dp):  # every rank creates every group, in the same order
@@ -55,6 +62,24 @@ def init_groups(layout: Layout, backend: str, timeout_seconds: float) -> Groups:
         if layout.ep_rank == j:
             dp_group, dp_ranks = group, ranks
     return Groups(layout, dist.group.WORLD, ep_group, dp_group, dp_ranks)
+
+
+def _attempt_store(layout: Layout, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, under a prefix per restart of the group.
+
+    torchrun keeps one store for the whole job; without a prefix a restarted rank can read the gloo
+    addresses its dead predecessor published and fail to connect (seen with torch 2.13's agent store).
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ.get("MASTER_PORT", "29500")),
+        layout.world,
+        is_master=not agent_store and layout.rank == 0,
+        timeout=timeout,
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dsv3-trainer/restart-{restart}", store)
 
 
 def is_expert(name: str) -> bool:
