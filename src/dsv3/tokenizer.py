@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from dsv3.corpus import BOS, EOS
+import numpy as np
+
+from dsv3.corpus import BOS, EOS, documents, read_shard, stdlib_bytes
 
 
 class Tokenizer(Protocol):
@@ -64,3 +66,19 @@ def load_tokenizer(spec: str | Path = "byte") -> Tokenizer:
     if str(spec) == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)
+
+
+def token_stream(data: str, tokenizer: Tokenizer, field: str = "text") -> np.ndarray:
+    """All tokens of the source: documents encoded and each followed by EOS; shards are memory-mapped."""
+    if data.endswith(".tok"):
+        return read_shard(data)
+    if not data:  # the default corpus: the standard library's source, one byte stream
+        raw = stdlib_bytes()
+        if isinstance(tokenizer, ByteTokenizer):
+            return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
+        return np.asarray(tokenizer.encode(raw.decode("utf-8", errors="replace")), dtype=np.int32)
+    ids: list[int] = []
+    for text in documents(data, field):
+        ids += tokenizer.encode(text)
+        ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int32)

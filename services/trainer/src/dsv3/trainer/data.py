@@ -10,24 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dsv3.corpus import documents, read_shard, stdlib_bytes
-from dsv3.tokenizer import ByteTokenizer, Tokenizer
+from dsv3.tokenizer import token_stream
 
-
-def token_stream(data: str, tokenizer: Tokenizer, field: str = "text") -> np.ndarray:
-    """All tokens of the source: documents encoded and each followed by EOS; shards are memory-mapped."""
-    if data.endswith(".tok"):
-        return read_shard(data)
-    if not data:  # the default corpus: the standard library's source, one byte stream
-        raw = stdlib_bytes()
-        if isinstance(tokenizer, ByteTokenizer):
-            return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
-        return np.asarray(tokenizer.encode(raw.decode("utf-8", errors="replace")), dtype=np.int32)
-    ids: list[int] = []
-    for text in documents(data, field):
-        ids += tokenizer.encode(text)
-        ids.append(tokenizer.eos_id)
-    return np.asarray(ids, dtype=np.int32)
+__all__ = ["PackedSequences", "token_stream"]
 
 
 class PackedSequences:
