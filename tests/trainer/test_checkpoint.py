@@ -72,4 +72,5 @@ def test_bad_checkpoint_address_fails_fast_naming_it(tmp_path: Path, launch) -> 
         capture_output=True, text=True, timeout=120, env=launch.env(),
     )  # fmt: skip
     assert result.returncode != 0
-    assert "127.0.0.1:1" in result.stderr or "UNAVAILABLE" in result.stderr
+    assert "checkpoint: the checkpoint service at 127.0.0.1:1 answered UNAVAILABLE" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 
+import grpc
 import torch
 import torch.distributed as dist
 
@@ -124,7 +125,15 @@ class Checkpointer:
 
     # ---- resume ---------------------------------------------------------------------------------
     def _latest(self) -> int | None:
-        found = [self.client.latest(self.job) if self.groups.layout.rank == 0 else None]
+        found: list[int | None] = [None]
+        if self.groups.layout.rank == 0:
+            try:
+                found = [self.client.latest(self.job)]
+            except grpc.RpcError as exc:
+                raise RuntimeError(
+                    f"checkpoint: the checkpoint service at {self.client.address} answered "
+                    f"{exc.code().name}: {exc.details()}"
+                ) from exc
         if self.groups.world is not None:
             dist.broadcast_object_list(found, src=0)  # every rank resumes the same step
         return found[0]
