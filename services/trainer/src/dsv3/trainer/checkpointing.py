@@ -102,7 +102,7 @@ class Checkpointer:
         layout = self.groups.layout
         tensors = {**self._weights(), **self._moment_views()}
         tensors[f"trainer.rng.{layout.rank}"] = torch.get_rng_state()
-        tensors = {n: t.detach().contiguous() for n, t in tensors.items()}
+        tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
         self.client.save(self.job, step, tensors, part=layout.rank, attempt=restart_count())
         if self.groups.world is not None:
             dist.barrier()

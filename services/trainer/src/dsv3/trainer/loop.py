@@ -99,8 +99,12 @@ def evaluate(
 
 def _global_means(values: list[torch.Tensor | None], groups: Groups) -> list[float | None]:
     present = [v is not None for v in values]
+    device = next(v for v in values if v is not None).device
     flat = torch.stack(
-        [v.detach().double() if v is not None else torch.zeros((), dtype=torch.float64) for v in values]
+        [
+            v.detach().double() if v is not None else torch.zeros((), dtype=torch.float64, device=device)
+            for v in values
+        ]
     )
     if groups.world is not None:
         dist.all_reduce(flat)

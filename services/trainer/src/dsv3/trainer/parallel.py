@@ -112,8 +112,9 @@ def reduce_gradients(model: nn.Module, groups: Groups) -> None:
 @torch.no_grad()
 def clip_global_norm(model: nn.Module, groups: Groups, max_norm: float) -> float:
     """The norm of the whole model's gradient (experts summed over their EP group); clip it to max_norm."""
-    replicated = torch.zeros((), dtype=torch.float64)
-    experts = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device  # NCCL reduces CUDA tensors only
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    experts = torch.zeros((), dtype=torch.float64, device=device)
     for name, p in model.named_parameters():
         sq = p.grad.double().pow(2).sum()
         if is_expert(name):
