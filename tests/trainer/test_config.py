@@ -68,6 +68,7 @@ def test_the_flag_names_other_parts_rely_on_exist() -> None:
         ({"job": "a/b"}, "job"),
         ({"fp8": True, "device": "cpu"}, "fp8"),
         ({"decay_start": -5}, "decay_start"),
+        ({"resume_from": "step-3"}, "resume_from"),
     ],
 )
 def test_bad_settings_name_the_field(changes: dict, field: str) -> None:

@@ -1,36 +1,18 @@
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class TrainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    TRAINER_STATE_UNSPECIFIED: _ClassVar[TrainerState]
-    TRAINER_STATE_STARTING: _ClassVar[TrainerState]
-    TRAINER_STATE_RUNNING: _ClassVar[TrainerState]
-    TRAINER_STATE_CHECKPOINTING: _ClassVar[TrainerState]
-    TRAINER_STATE_EXPORTING: _ClassVar[TrainerState]
-    TRAINER_STATE_COMPLETED: _ClassVar[TrainerState]
-    TRAINER_STATE_FAILED: _ClassVar[TrainerState]
-TRAINER_STATE_UNSPECIFIED: TrainerState
-TRAINER_STATE_STARTING: TrainerState
-TRAINER_STATE_RUNNING: TrainerState
-TRAINER_STATE_CHECKPOINTING: TrainerState
-TRAINER_STATE_EXPORTING: TrainerState
-TRAINER_STATE_COMPLETED: TrainerState
-TRAINER_STATE_FAILED: TrainerState
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "step", "total_steps", "loss", "tokens_per_second", "has_checkpoint", "last_checkpoint_step", "job", "world_size", "expert_parallel", "data_parallel", "restarts", "message")
+    __slots__ = ("state", "step", "total", "loss", "tokens_per_second", "has_checkpoint", "last_checkpoint_step", "job", "world_size", "expert_parallel", "data_parallel", "restarts", "message")
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     HAS_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -41,9 +23,9 @@ class StatusResponse(_message.Message):
     DATA_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    state: TrainerState
+    state: str
     step: int
-    total_steps: int
+    total: int
     loss: float
     tokens_per_second: float
     has_checkpoint: bool
@@ -54,4 +36,4 @@ class StatusResponse(_message.Message):
     data_parallel: int
     restarts: int
     message: str
-    def __init__(self, state: _Optional[_Union[TrainerState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., has_checkpoint: _Optional[bool] = ..., last_checkpoint_step: _Optional[int] = ..., job: _Optional[str] = ..., world_size: _Optional[int] = ..., expert_parallel: _Optional[int] = ..., data_parallel: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    def __init__(self, state: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., has_checkpoint: _Optional[bool] = ..., last_checkpoint_step: _Optional[int] = ..., job: _Optional[str] = ..., world_size: _Optional[int] = ..., expert_parallel: _Optional[int] = ..., data_parallel: _Optional[int] = ..., restarts: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

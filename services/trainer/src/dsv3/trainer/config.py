@@ -63,6 +63,7 @@ class TrainConfig:
     job: str = "train"
     checkpoint_interval: int = 50
     keep_last: int = 0  # delete older checkpoints of the job beyond the newest N (0: keep all)
+    resume_from: str = "latest"  # latest: continue the job's newest committed checkpoint; none: start over
     # outputs
     output_dir: Path = Path("runs/train")
     export: str = ""  # write the final model as a Hugging Face directory here
@@ -95,6 +96,9 @@ class TrainConfig:
         _require("status_port", 0 <= self.status_port < 65536, "must be in [0, 65535]", self.status_port)
         modes = ("auto", "bar", "log", "none")
         _require("progress", self.progress in modes, "must be auto|bar|log|none", self.progress)
+        _require(
+            "resume_from", self.resume_from in ("latest", "none"), "must be latest|none", self.resume_from
+        )
         _require("device", self.device in ("auto", "cpu", "cuda"), "must be auto|cpu|cuda", self.device)
         _require("job", bool(self.job) and "/" not in self.job, "must be a name without '/'", self.job)
         if self.data and not Path(self.data).exists():

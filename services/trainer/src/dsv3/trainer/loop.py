@@ -174,7 +174,7 @@ def _train(
         checkpointer = Checkpointer(
             CheckpointClient(config.checkpoint), config.job, model, optimizer, groups, config.keep_last
         )
-        resumed = checkpointer.restore()
+        resumed = checkpointer.restore() if config.resume_from == "latest" else None
     start = resumed.step if resumed else 0
     consumed = resumed.consumed if resumed else 0
     tokens = resumed.tokens if resumed else 0

@@ -16,7 +16,17 @@ from dsv3.rpc.v1 import trainer_pb2, trainer_pb2_grpc
 from dsv3.serving.server import ServiceServer
 
 SERVICE_NAME = "dsv3.rpc.v1.TrainerService"
-State = trainer_pb2.TrainerState
+
+
+class State:
+    """The values of `StatusResponse.state` (a string, so clients need no enum table)."""
+
+    TRAINER_STATE_STARTING = "STARTING"
+    TRAINER_STATE_RUNNING = "RUNNING"
+    TRAINER_STATE_CHECKPOINTING = "CHECKPOINTING"
+    TRAINER_STATE_EXPORTING = "EXPORTING"
+    TRAINER_STATE_COMPLETED = "COMPLETED"
+    TRAINER_STATE_FAILED = "FAILED"
 
 
 @dataclasses.dataclass
@@ -29,7 +39,7 @@ class Board:
     expert_parallel: int = 1
     data_parallel: int = 1
     restarts: int = 0
-    state: int = State.TRAINER_STATE_STARTING
+    state: str = State.TRAINER_STATE_STARTING
     step: int = 0
     loss: float = 0.0
     tokens_per_second: float = 0.0
@@ -49,7 +59,7 @@ class Board:
             return trainer_pb2.StatusResponse(
                 state=self.state,
                 step=self.step,
-                total_steps=self.total_steps,
+                total=self.total_steps,
                 loss=self.loss,
                 tokens_per_second=self.tokens_per_second,
                 has_checkpoint=self.last_checkpoint_step is not None,
