@@ -51,6 +51,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from dsv3.corpus import write_shard
+    from dsv3.tokenizer import load_tokenizer, token_stream
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    tokens = token_stream(args.source, tokenizer, args.field)
+    path = write_shard(args.output, tokens, tokenizer.vocab_size)
+    print(f"{path}: {len(tokens):,} tokens ({tokenizer.vocab_size:,}-token vocabulary)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3-style MoE training and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=20)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(handler=_generate)
+    tok = sub.add_parser("tokenize", help="pre-tokenize text (file, directory, JSONL) into a .tok shard")
+    tok.add_argument("source", help="text file, directory or .jsonl; '' for the Python standard library")
+    tok.add_argument("output", help="the shard to write (name it *.tok: the trainer memory-maps those)")
+    tok.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json path")
+    tok.add_argument("--field", default="text", help="JSONL field holding the text")
+    tok.set_defaults(handler=_tokenize)
     return parser
 
 

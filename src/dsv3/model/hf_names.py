@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,8 +56,19 @@ def _split_experts(name: str, tensor: torch.Tensor, first_expert: int) -> Iterat
 
 def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
     """The model's tensors under the release's names (experts split, MTP as extra layers)."""
-    layers = model.config.num_hidden_layers
     state = model.state_dict()
+    out = to_release_names(model, state)
+    for k in range(len(model.mtp)):
+        layer_prefix = f"model.layers.{model.config.num_hidden_layers + k}."
+        for copy_name, source in _MTP_SHARED_COPIES.items():
+            out[layer_prefix + copy_name] = state[source]
+    return out
+
+
+def to_release_names(model: DeepSeekV3, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors keyed by internal names (the state dict, or per-parameter optimizer moments) under the
+    release's names; stacked experts become per-expert views (layer-wide indices on a sharded layer)."""
+    layers = model.config.num_hidden_layers
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         original = name
@@ -76,10 +87,6 @@ def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
             out.update(_split_experts(name, tensor, owner.first_expert))
         else:
             out[name] = tensor
-    for k in range(len(model.mtp)):
-        layer_prefix = f"model.layers.{layers + k}."
-        for copy_name, source in _MTP_SHARED_COPIES.items():
-            out[layer_prefix + copy_name] = state[source]
     return out
 
 

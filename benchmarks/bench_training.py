@@ -1,0 +1,115 @@
+"""Training tokens/s of the dsv3 trainer (one process) against transformers' DeepseekV3ForCausalLM + AdamW.
+
+Same config (`benchmarks/train_small.json`: hidden 256, 4 layers with 1 dense, 16 experts top-4 of 4
+groups, MLA q 96 / kv 64), same initial weights, same batches (8 x 256 byte tokens of the stdlib corpus),
+same AdamW settings and gradient clipping. The trainer runs its real loop (`dsv3.trainer.loop.train`,
+which also does the balance loss and the bias update); the transformers loop is the usual
+forward / cross-entropy / backward / clip / step. Runs alternate in one process so machine noise hits
+both; the best round of each is kept.
+
+    python benchmarks/bench_training.py [--rounds 3] [--steps 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsv3.model import DeepSeekV3, ModelConfig
+from dsv3.tokenizer import ByteTokenizer, token_stream
+from dsv3.trainer.config import TrainConfig
+from dsv3.trainer.data import PackedSequences
+from dsv3.trainer.loop import train
+
+CONFIG = Path(__file__).with_name("train_small.json")
+BATCH, SEQ, LR = 8, 256, 1e-3
+GOAL = 1.5
+
+
+def _trainer_round(steps: int, out: Path) -> float:
+    config = TrainConfig(
+        model=str(CONFIG),
+        steps=steps,
+        batch=BATCH,
+        seq_len=SEQ,
+        lr=LR,
+        warmup_steps=0,
+        eval_sequences=0,
+        progress="none",
+        output_dir=out,
+        seed=0,
+    )
+    return train(config).tokens_per_s
+
+
+def _transformers_round(steps: int, weights: Path, data: PackedSequences) -> float:
+    from transformers import DeepseekV3ForCausalLM
+
+    model = DeepseekV3ForCausalLM.from_pretrained(weights, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+    start = time.perf_counter()
+    for step in range(steps):
+        ids = data.batch(step * BATCH, BATCH, 0, 1)
+        logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return steps * BATCH * SEQ / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_training.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    model_config = ModelConfig.from_hf_config(CONFIG)
+    data = PackedSequences(token_stream("", ByteTokenizer()), SEQ, 0, 0.05, model_config.vocab_size)
+    best = {"dsv3 trainer": 0.0, "transformers + AdamW": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)  # the trainer's initial weights (it seeds the same way)
+        DeepSeekV3(model_config).save_pretrained(Path(tmp) / "init")
+        for _ in range(args.rounds):
+            best["dsv3 trainer"] = max(best["dsv3 trainer"], _trainer_round(args.steps, Path(tmp) / "run"))
+            rate = _transformers_round(args.steps, Path(tmp) / "init", data)
+            best["transformers + AdamW"] = max(best["transformers + AdamW"], rate)
+    speedup = best["dsv3 trainer"] / best["transformers + AdamW"]
+    print(
+        f"{datetime.date.today()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {args.threads} threads, fp32, batch {BATCH} x {SEQ}, "
+        f"{args.steps} steps per round, best of {args.rounds}"
+    )
+    for name, rate in best.items():
+        print(f"{name:>22} | {rate:>8.0f} tokens/s")
+    print(f"speed-up {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "tokens_per_s": best,
+                "speedup": speedup,
+                "threads": args.threads,
+                "date": str(datetime.date.today()),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
