@@ -73,7 +73,7 @@ def test_training_pods_carry_the_rendezvous_and_the_trainer_flags() -> None:
     assert env["DSV3_MODEL"] == "debug"
     assert env["DSV3_STEPS"] == "300" and env["DSV3_SEQ_LEN"] == "128" and env["DSV3_EP"] == "2"
     assert env["DSV3_CHECKPOINT"] == "dsv3-checkpoint.dsv3.svc:50070"
-    assert env["DSV3_JOB"] == "team/debug-run"
+    assert env["DSV3_JOB"] == "team.debug-run"  # the checkpoint service refuses "/" in job ids
     assert env["DSV3_CHECKPOINT_INTERVAL"] == "50" and env["DSV3_KEEP_LAST"] == "3"
     assert env["DSV3_FP8"] == "false" and env["DSV3_STATUS_PORT"] == "50060"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4317"
@@ -150,7 +150,7 @@ def test_serving_renders_router_and_shard_statefulset_wired_by_dns() -> None:
     router = out["Deployment", "debug-serve-router"]["spec"]["template"]["spec"]["containers"][0]
     env = _env(router)
     assert env["DSV3_SHARDS_DNS"] == "debug-serve-shards.team.svc.cluster.local:50090"
-    assert env["DSV3_JOB"] == "default/debug-run" and "DSV3_STEP" not in env
+    assert env["DSV3_JOB"] == "default.debug-run" and "DSV3_STEP" not in env
     settings = out["ConfigMap", "debug-serve-serving"]["data"]
     assert settings["DSV3_REDIS_URL"] == "redis://r:6379" and settings["DSV3_DEVICE"] == "cpu"
     assert settings["DSV3_CHECKPOINT"] == CFG.checkpoint_address

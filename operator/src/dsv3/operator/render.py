@@ -132,6 +132,19 @@ def worker_address(owner: Owner, rank: int, port: int, cfg: OperatorConfig) -> s
     return f"{host}.{owner.namespace}.svc.{cfg.cluster_domain}:{port}"
 
 
+def checkpoint_job_id(namespace: str, name: str) -> str:
+    """The checkpoint service's job id of a training job: `<namespace>.<name>`. Job ids there are
+    `[A-Za-z0-9][A-Za-z0-9._-]*` (no '/'), and Kubernetes names never contain '.' in a namespace."""
+    return f"{namespace}.{name}"
+
+
+def serving_checkpoint_job(namespace: str, reference: str) -> str:
+    """A serving job's `weights.checkpoint.job` (`name` of a training job in its namespace, or
+    `namespace/name`) as the checkpoint service's job id."""
+    other, _, name = reference.rpartition("/")
+    return checkpoint_job_id(other or namespace, name)
+
+
 def rendezvous_id(owner: Owner, restart: int) -> str:
     """Fresh per restart: a restarted group never meets the stale state of the previous one."""
     return f"{owner.name}-{owner.uid[:8]}-r{restart}"
@@ -157,7 +170,7 @@ def trainer_env(owner: Owner, spec: TrainingSpec, cfg: OperatorConfig) -> dict[s
         "DSV3_TOKENIZER": spec.tokenizer,
         "DSV3_OUTPUT_DIR": "/work/output",
         "DSV3_CHECKPOINT": spec.checkpoint_service,
-        "DSV3_JOB": f"{owner.namespace}/{owner.name}",
+        "DSV3_JOB": checkpoint_job_id(owner.namespace, owner.name),
         "DSV3_CHECKPOINT_INTERVAL": spec.checkpoint_interval,
         "DSV3_KEEP_LAST": spec.keep_last,
         "DSV3_EXPORT": spec.export,
@@ -365,7 +378,7 @@ def render_serving(owner: Owner, spec: ServingSpec, cfg: OperatorConfig) -> list
             )
             mounts.append({"name": "model", "mountPath": spec.model_dir, "readOnly": True})
     else:
-        router_env["DSV3_JOB"] = spec.checkpoint_job
+        router_env["DSV3_JOB"] = serving_checkpoint_job(owner.namespace, spec.checkpoint_job or "")
         if spec.checkpoint_step is not None:
             router_env["DSV3_STEP"] = spec.checkpoint_step
     router_labels = _labels(owner, "router")

@@ -1,8 +1,8 @@
 """Read the trainer's progress from rank 0's `TrainerService.Status` RPC (trainer.proto).
 
-The one place that knows the trainer's stub: it is imported lazily, and without it (trainer.proto not
-in this dsv3-rpc) or without an answer, `read_trainer_status` returns None and the job's status keeps
-what the pods say.
+The one place that knows the trainer's stub (imported lazily: an older dsv3-rpc without trainer.proto
+gives None). Without an answer `read_trainer_status` returns None and the job's status keeps what the
+pods say; loss and tokens/s are None until a step has run, the checkpoint step until one is committed.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ def read_trainer_status(address: str, timeout: float = 2.0) -> TrainerStatus | N
             reply = pb2_grpc.TrainerServiceStub(channel).Status(pb2.StatusRequest(), timeout=timeout)
     except grpc.RpcError:
         return None
-    last = getattr(reply, "last_checkpoint_step", None)
     return TrainerStatus(
-        state=str(getattr(reply, "state", "")),
-        step=int(getattr(reply, "step", 0)),
-        total=int(getattr(reply, "total", 0)),
-        loss=float(reply.loss) if hasattr(reply, "loss") else None,
-        tokens_per_second=float(reply.tokens_per_second) if hasattr(reply, "tokens_per_second") else None,
-        last_checkpoint_step=int(last) if last is not None else None,
+        state=reply.state,
+        step=reply.step,
+        total=reply.total,
+        loss=reply.loss if reply.step > 0 else None,
+        tokens_per_second=reply.tokens_per_second if reply.step > 0 else None,
+        last_checkpoint_step=reply.last_checkpoint_step if reply.has_checkpoint else None,
     )
