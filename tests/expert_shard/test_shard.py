@@ -86,11 +86,11 @@ def test_load_from_hf_directory_compute_and_status(shard, model, hf_dir) -> None
     assert out.shape == (5, 64) and out.dtype == torch.float32
     assert (out - expected).abs().max().item() <= 1e-6
     assert expected.abs().max().item() > 1e-4
-    status = stub.Status(expert_pb2.StatusRequest(), timeout=5)
+    status = stub.Status(expert_pb2.ShardStatusRequest(), timeout=5)
     assert status.shard_id == "s0" and status.capacity == 6
     tokens = {(s.slot.layer, s.slot.expert): s.tokens for s in status.slots}
     assert tokens == {(1, 3): 3, (1, 7): 2, (2, 0): 0}
-    again = stub.Status(expert_pb2.StatusRequest(), timeout=5)
+    again = stub.Status(expert_pb2.ShardStatusRequest(), timeout=5)
     assert {s.tokens for s in again.slots} == {0}  # counted since the previous call
     dropped = stub.DropSlots(expert_pb2.DropSlotsRequest(slots=_slots((1, 3), (1, 9))), timeout=5)
     assert [(s.layer, s.expert) for s in dropped.dropped] == [(1, 3)]

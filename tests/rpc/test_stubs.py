@@ -15,3 +15,20 @@ def test_generated_stubs_are_fresh(tmp_path) -> None:
     assert {p.name for p in generated} == {p.name for p in committed_dir.glob("*_pb2*.py*")}
     stale = [p.name for p in generated if p.read_bytes() != (committed_dir / p.name).read_bytes()]
     assert stale == [], f"stale stubs {stale}: run make protos"
+
+
+def test_every_contract_loads_into_one_descriptor_pool() -> None:
+    """All protos share the package dsv3.rpc.v1: two messages of one name would refuse to load together
+    (a process such as the operator or `dsv3 up` imports several stubs)."""
+    code = (
+        "import importlib, pathlib, dsv3.rpc.v1 as v1\n"
+        "names = sorted(p.stem for p in pathlib.Path(v1.__path__[0]).glob('*_pb2.py'))\n"
+        "[importlib.import_module('dsv3.rpc.v1.' + n) for n in names]\n"
+        "print(len(names))\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) == len(list((ROOT / "protos" / "dsv3" / "rpc" / "v1").glob("*.proto")))

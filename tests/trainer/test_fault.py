@@ -51,7 +51,7 @@ def _wait(condition, timeout: float, what: str, launcher: subprocess.Popen):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _poll_status(launcher: subprocess.Popen, port: int) -> list[trainer_pb2.StatusResponse]:
+def _poll_status(launcher: subprocess.Popen, port: int) -> list[trainer_pb2.TrainerStatusResponse]:
     """Status responses until the run ends (connection refused before the server is up, and after)."""
     seen = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -59,7 +59,7 @@ def _poll_status(launcher: subprocess.Popen, port: int) -> list[trainer_pb2.Stat
         health = health_pb2_grpc.HealthStub(channel)
         while launcher.poll() is None:
             try:
-                seen.append(stub.Status(trainer_pb2.StatusRequest(), timeout=1))
+                seen.append(stub.Status(trainer_pb2.TrainerStatusRequest(), timeout=1))
                 if len(seen) == 1:
                     answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                     assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -32,7 +32,7 @@ def read_trainer_status(address: str, timeout: float = 2.0) -> TrainerStatus | N
 
     try:
         with grpc.insecure_channel(address) as channel:
-            reply = pb2_grpc.TrainerServiceStub(channel).Status(pb2.StatusRequest(), timeout=timeout)
+            reply = pb2_grpc.TrainerServiceStub(channel).Status(pb2.TrainerStatusRequest(), timeout=timeout)
     except grpc.RpcError:
         return None
     return TrainerStatus(

@@ -85,7 +85,7 @@ class DropSlotsResponse(_message.Message):
     dropped: _containers.RepeatedCompositeFieldContainer[SlotId]
     def __init__(self, dropped: _Optional[_Iterable[_Union[SlotId, _Mapping]]] = ...) -> None: ...
 
-class StatusRequest(_message.Message):
+class ShardStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
@@ -97,7 +97,7 @@ class SlotStatus(_message.Message):
     tokens: int
     def __init__(self, slot: _Optional[_Union[SlotId, _Mapping]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
-class StatusResponse(_message.Message):
+class ShardStatusResponse(_message.Message):
     __slots__ = ("shard_id", "capacity", "slots")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]

@@ -51,8 +51,8 @@ class ExpertShardServiceStub:
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/dsv3.rpc.v1.ExpertShardService/Status',
-                request_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.StatusRequest.SerializeToString,
-                response_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.StatusResponse.FromString,
+                request_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ShardStatusRequest.SerializeToString,
+                response_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ShardStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -108,8 +108,8 @@ def add_ExpertShardServiceServicer_to_server(servicer, server):
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.StatusRequest.FromString,
-                    response_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ShardStatusRequest.FromString,
+                    response_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ShardStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,8 +218,8 @@ class ExpertShardService:
             request,
             target,
             '/dsv3.rpc.v1.ExpertShardService/Status',
-            dsv3_dot_rpc_dot_v1_dot_expert__pb2.StatusRequest.SerializeToString,
-            dsv3_dot_rpc_dot_v1_dot_expert__pb2.StatusResponse.FromString,
+            dsv3_dot_rpc_dot_v1_dot_expert__pb2.ShardStatusRequest.SerializeToString,
+            dsv3_dot_rpc_dot_v1_dot_expert__pb2.ShardStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64sv3/rpc/v1/trainer.proto\x12\x0b\x64sv3.rpc.v1\"\x0f\n\rStatusRequest\"\x8f\x02\n\x0eStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x16\n\x0ehas_checkpoint\x18\x06 \x01(\x08\x12\x1c\n\x14last_checkpoint_step\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x12\n\nworld_size\x18\t \x01(\x05\x12\x17\n\x0f\x65xpert_parallel\x18\n \x01(\x05\x12\x15\n\rdata_parallel\x18\x0b \x01(\x05\x12\x10\n\x08restarts\x18\x0c \x01(\x05\x12\x0f\n\x07message\x18\r \x01(\t2S\n\x0eTrainerService\x12\x41\n\x06Status\x12\x1a.dsv3.rpc.v1.StatusRequest\x1a\x1b.dsv3.rpc.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64sv3/rpc/v1/trainer.proto\x12\x0b\x64sv3.rpc.v1\"\x16\n\x14TrainerStatusRequest\"\x96\x02\n\x15TrainerStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x16\n\x0ehas_checkpoint\x18\x06 \x01(\x08\x12\x1c\n\x14last_checkpoint_step\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x12\n\nworld_size\x18\t \x01(\x05\x12\x17\n\x0f\x65xpert_parallel\x18\n \x01(\x05\x12\x15\n\rdata_parallel\x18\x0b \x01(\x05\x12\x10\n\x08restarts\x18\x0c \x01(\x05\x12\x0f\n\x07message\x18\r \x01(\t2a\n\x0eTrainerService\x12O\n\x06Status\x12!.dsv3.rpc.v1.TrainerStatusRequest\x1a\".dsv3.rpc.v1.TrainerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dsv3.rpc.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATUSREQUEST']._serialized_start=42
-  _globals['_STATUSREQUEST']._serialized_end=57
-  _globals['_STATUSRESPONSE']._serialized_start=60
-  _globals['_STATUSRESPONSE']._serialized_end=331
-  _globals['_TRAINERSERVICE']._serialized_start=333
-  _globals['_TRAINERSERVICE']._serialized_end=416
+  _globals['_TRAINERSTATUSREQUEST']._serialized_start=42
+  _globals['_TRAINERSTATUSREQUEST']._serialized_end=64
+  _globals['_TRAINERSTATUSRESPONSE']._serialized_start=67
+  _globals['_TRAINERSTATUSRESPONSE']._serialized_end=345
+  _globals['_TRAINERSERVICE']._serialized_start=347
+  _globals['_TRAINERSERVICE']._serialized_end=444
 # @@protoc_insertion_point(module_scope)

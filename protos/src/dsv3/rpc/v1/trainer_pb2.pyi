@@ -4,11 +4,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class StatusRequest(_message.Message):
+class TrainerStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class StatusResponse(_message.Message):
+class TrainerStatusResponse(_message.Message):
     __slots__ = ("state", "step", "total", "loss", "tokens_per_second", "has_checkpoint", "last_checkpoint_step", "job", "world_size", "expert_parallel", "data_parallel", "restarts", "message")
     STATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]

@@ -36,8 +36,8 @@ class TrainerServiceStub:
         """
         self.Status = channel.unary_unary(
                 '/dsv3.rpc.v1.TrainerService/Status',
-                request_serializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.StatusRequest.SerializeToString,
-                response_deserializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.StatusResponse.FromString,
+                request_serializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.TrainerStatusRequest.SerializeToString,
+                response_deserializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.TrainerStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.StatusRequest.FromString,
-                    response_serializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.TrainerStatusRequest.FromString,
+                    response_serializer=dsv3_dot_rpc_dot_v1_dot_trainer__pb2.TrainerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class TrainerService:
             request,
             target,
             '/dsv3.rpc.v1.TrainerService/Status',
-            dsv3_dot_rpc_dot_v1_dot_trainer__pb2.StatusRequest.SerializeToString,
-            dsv3_dot_rpc_dot_v1_dot_trainer__pb2.StatusResponse.FromString,
+            dsv3_dot_rpc_dot_v1_dot_trainer__pb2.TrainerStatusRequest.SerializeToString,
+            dsv3_dot_rpc_dot_v1_dot_trainer__pb2.TrainerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

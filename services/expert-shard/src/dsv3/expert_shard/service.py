@@ -112,7 +112,7 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
 
     async def Status(self, request, context):
         tokens = self.store.take_tokens()
-        return expert_pb2.StatusResponse(
+        return expert_pb2.ShardStatusResponse(
             shard_id=self.config.shard_id,
             capacity=self.config.capacity,
             slots=[

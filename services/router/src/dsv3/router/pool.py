@@ -107,7 +107,7 @@ class ShardPool:
             reply = await shard.health.Check(health_pb2.HealthCheckRequest(), timeout=2)
             if reply.status != health_pb2.HealthCheckResponse.SERVING:
                 return False
-            status = await shard.stub.Status(expert_pb2.StatusRequest(), timeout=5)
+            status = await shard.stub.Status(expert_pb2.ShardStatusRequest(), timeout=5)
         except grpc.RpcError:
             return False
         shard.shard_id, shard.capacity = status.shard_id, status.capacity

@@ -19,7 +19,7 @@ SERVICE_NAME = "dsv3.rpc.v1.TrainerService"
 
 
 class State:
-    """The values of `StatusResponse.state` (a string, so clients need no enum table)."""
+    """The values of `TrainerStatusResponse.state` (a string, so clients need no enum table)."""
 
     TRAINER_STATE_STARTING = "STARTING"
     TRAINER_STATE_RUNNING = "RUNNING"
@@ -54,9 +54,9 @@ class Board:
             for name, value in fields.items():
                 setattr(self, name, value)
 
-    def snapshot(self) -> trainer_pb2.StatusResponse:
+    def snapshot(self) -> trainer_pb2.TrainerStatusResponse:
         with self._lock:
-            return trainer_pb2.StatusResponse(
+            return trainer_pb2.TrainerStatusResponse(
                 state=self.state,
                 step=self.step,
                 total=self.total_steps,
