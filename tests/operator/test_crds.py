@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from op_helpers import CRDS, EXAMPLES, crd_schema, load
 
-from dsv3.operator.spec import SpecError, parse_serving, parse_training
+from dsv3.operator.spec import ServingSpec, SpecError, TrainingSpec, parse_serving, parse_training
 
 VALID = sorted(EXAMPLES.glob("*.yaml"))
 INVALID = sorted((EXAMPLES / "invalid").glob("*.yaml"))
@@ -22,8 +22,10 @@ def _validate(doc: dict) -> None:
     jsonschema.Draft4Validator(crd_schema(doc["kind"])).validate(doc)
 
 
-def _parse(doc: dict) -> None:
-    (parse_training if doc["kind"] == "DeepSeekTrainingJob" else parse_serving)(doc["spec"], "ckpt:50070")
+def _parse(doc: dict) -> TrainingSpec | ServingSpec:
+    return (parse_training if doc["kind"] == "DeepSeekTrainingJob" else parse_serving)(
+        doc["spec"], "ckpt:50070"
+    )
 
 
 def test_there_are_samples_of_both_kinds() -> None:
@@ -35,8 +37,13 @@ def test_there_are_samples_of_both_kinds() -> None:
 @pytest.mark.parametrize("path", VALID, ids=lambda p: p.name)
 def test_examples_validate_against_the_crd_schema_and_parse(path) -> None:
     doc = load(path)
-    _validate(doc)
-    _parse(doc)
+    errors = list(jsonschema.Draft4Validator(crd_schema(doc["kind"])).iter_errors(doc))
+    assert errors == [], [e.message for e in errors]
+    spec = _parse(doc)
+    expected = TrainingSpec if doc["kind"] == "DeepSeekTrainingJob" else ServingSpec
+    assert isinstance(spec, expected) and spec.image == doc["spec"]["image"]
+    if isinstance(spec, TrainingSpec):  # the sample's training block is what the trainer will get
+        assert spec.steps == doc["spec"]["training"]["steps"]
 
 
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.name)
