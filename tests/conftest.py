@@ -201,13 +201,15 @@ def spawn_module(tmp_path_factory) -> Iterator[Callable[..., ServiceProcess]]:
     yield from _spawner(tmp_path_factory.mktemp("procs"))
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+def wait_for(
+    condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+) -> None:
+    """Poll `condition` every `interval` s until it holds; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 @pytest.fixture
