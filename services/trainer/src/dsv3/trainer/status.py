@@ -81,6 +81,9 @@ class _Servicer(trainer_pb2_grpc.TrainerServiceServicer):
         return self.board.snapshot()
 
 
+DRAIN_SECONDS = 10.0  # as the other services' SIGTERM drain (ServiceServer.run_until_stopped)
+
+
 class StatusServer:
     """Serves `board` on host:port from a daemon thread until `stop()`."""
 
@@ -120,9 +123,11 @@ class StatusServer:
         self._ready.set()
         await self._server._stopping.wait()
         await self._server.set_serving(False)
-        await self._server.server.stop(1.0)
+        # In-flight calls get DRAIN_SECONDS to finish (stop returns as soon as they have): with 1 s, a
+        # Status call on a starved CPU was cancelled mid-answer instead of completing.
+        await self._server.server.stop(DRAIN_SECONDS)
 
     def stop(self) -> None:
         if self._loop is not None and self._server is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._server.request_stop)
-            self._thread.join(10)
+            self._thread.join(DRAIN_SECONDS + 10)
