@@ -1,10 +1,13 @@
-# Developer entry points; README's two commands are `make setup demo` and `make test`.
+# Developer entry points; README's two commands are `make setup up` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench protos
+.PHONY: setup up demo test lint bench protos
 
 setup:
 	bash scripts/setup.sh
+
+up:  # the whole platform as local processes (checkpoint, torchrun trainer, shards, router); --serve keeps it up
+	$(PY) -m dsv3.cli up
 
 demo:
 	$(PY) -m dsv3.cli demo

@@ -27,6 +27,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from dsv3.up.children import ChildExited
+    from dsv3.up.run import UpSettings, run_up
+
+    settings = UpSettings(
+        steps=args.steps,
+        model=args.model,
+        shards=args.shards,
+        port_base=args.port_base,
+        output_dir=Path(args.output_dir),
+        serve=args.serve,
+        redis_url=args.redis_url,
+        prompt=args.prompt,
+    )
+    try:
+        return run_up(settings)
+    except ChildExited as exc:
+        print(f"dsv3 up: {exc}; stopped the other processes", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dsv3 up: interrupted; stopped every process", file=sys.stderr)
+        return 130
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dsv3.demo import DemoSettings, run_demo
 
@@ -68,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter counts of a flavour (debug, 16b, 671b) or a config.json")
     info.add_argument("config", nargs="?", default="671b")
     info.set_defaults(handler=_info)
+    up = sub.add_parser("up", help="the whole platform as local processes: train, checkpoint, serve, query")
+    up.add_argument("--steps", type=int, default=300, help="training steps")
+    up.add_argument("--model", default="debug", help="flavour name or config.json")
+    up.add_argument("--shards", type=int, default=2, help="expert-shard processes")
+    up.add_argument("--port-base", type=int, default=50100, help="first of the ports the services use")
+    up.add_argument("--output-dir", default="runs/up")
+    up.add_argument("--serve", action="store_true", help="keep serving after the summary, until Ctrl-C")
+    up.add_argument("--redis-url", default="", help="checkpoint index in Redis (default: embedded)")
+    up.add_argument("--prompt", default="def ")
+    up.set_defaults(handler=_up)
     demo = sub.add_parser("demo", help="train the debug model on the stdlib source, checkpoint, generate")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--output-dir", default="runs/demo")

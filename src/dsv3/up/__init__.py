@@ -1,0 +1,1 @@
+"""`dsv3 up`: the platform's services as local processes, trained and served end to end."""
