@@ -157,7 +157,7 @@ def main() -> None:
                 "verdicts": verdicts,
             },
             indent=1,
-        )  # fmt: skip
+        )
     )
     print(f"wrote {args.out} and {png}")
 
