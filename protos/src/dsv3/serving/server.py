@@ -1,7 +1,8 @@
 """The gRPC server bootstrap every dsv3 service uses.
 
 grpc.aio server + `grpc.health.v1` (NOT_SERVING until the service says it is ready, and again while
-draining) + server reflection; SIGTERM/SIGINT drain and stop with a grace period.
+draining) + server reflection; SIGTERM/SIGINT drain and stop with a grace period; OpenTelemetry
+(`telemetry.py`): a server span per call, continuing the caller's trace, when tracing is configured.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from dsv3.serving import telemetry
+
 log = logging.getLogger(__name__)
 
 Registrar = Callable[[grpc.aio.Server], None]
+
+
+def _short_name(service: str) -> str:
+    """dsv3.rpc.v1.ExpertShardService -> expert-shard (the process's default telemetry name)."""
+    name = service.rsplit(".", 1)[-1].removesuffix("Service")
+    return "".join("-" + c.lower() if c.isupper() else c for c in name).lstrip("-")
 
 
 class ServiceServer:
@@ -40,7 +49,8 @@ class ServiceServer:
             ("grpc.so_reuseport", 0),
             *options,
         ]
-        self.server = grpc.aio.server(options=channel_args)
+        telemetry.setup("dsv3-" + _short_name(service_names[0]) if service_names else "dsv3")
+        self.server = grpc.aio.server(options=channel_args, interceptors=telemetry.server_interceptors())
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for register in registrars:

@@ -21,6 +21,7 @@ from dsv3.checkpoint import checksum, wire
 from dsv3.checkpoint.prefetch import prefetched
 from dsv3.checkpoint.split import balanced_runs, group
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
+from dsv3.serving import telemetry
 
 try:  # the server's install (dsv3-rpc + dsv3-checkpoint) has none of these; the client needs all three
     import numpy as np
@@ -90,7 +91,9 @@ class CheckpointClient:
             ("grpc.max_receive_message_length", limit),
             ("grpc.use_local_subchannel_pool", 1),  # a connection of its own per channel
         ]
-        self._channels = [grpc.insecure_channel(address, options=options) for _ in range(streams)]
+        self._channels = [
+            telemetry.traced_channel(grpc.insecure_channel(address, options=options)) for _ in range(streams)
+        ]
         self._stubs = [_FastStub(c) for c in self._channels]
         self._stub = self._stubs[0]
 
