@@ -11,7 +11,7 @@ kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before Triton
 The Triton bf16 MoE path has no backward: when autograd needs gradients the reference runs instead
 (`grouped_swiglu_fp8_training` has its own, FP8, backward).
 
-Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm;
+Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm, fp8_linear;
 grouped experts (rows already grouped by expert: `dsv3.model.dispatch` permutes): grouped_gemm,
 grouped_gemm_fp8, grouped_swiglu, grouped_swiglu_fp8; FP8 training of the experts:
 grouped_swiglu_fp8_training.
@@ -296,6 +296,37 @@ def fp8_gemm(
     if choice == "torch":
         return reference.fp8_gemm(a, a_s, b, b_s, out_dtype)
     return gemm.fp8_gemm(a, a_s, b, b_s, out_dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """x @ W.T for float x [M, K] and an FP8 weight w [N, K] with 128x128 block scales w_s: x quantized per
+    1x128 tile (`act_quant` semantics), FP32 accumulation, -> `out_dtype` (x's dtype by default).
+
+    On CUDA decode shapes (M <= 128) quantize inside the Triton GEMM: one launch, no quantized copy of x,
+    no host synchronisation; larger M quantize first and take `fp8_gemm`'s per-shape choice (cuBLAS).
+    """
+    op = "fp8_linear"
+    _check_tensor(op, "x", x, dtypes=_FLOAT_DTYPES, dim=2)
+    _check_tensor(op, "w", w, dtypes=(_FP8,), dim=2)
+    (m, k), n = x.shape, w.shape[0]
+    _check(w.shape[1] == k, f"{op}: x is [M, K={k}] but w is {tuple(w.shape)}; w must be [N, K]")
+    _check_scale(op, "w_s", w_s, (_cdiv(n, 128), _cdiv(k, 128)))
+    _check_block(op, 128, scale_fmt)
+    out_dtype = out_dtype or x.dtype
+    _check(out_dtype in _FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
+    _check_same_device(op, x=x, w=w, w_s=w_s)
+    if _use_triton(op, x, w) and (backend() == "triton" or m <= scaled_mm.DECODE_MAX_M):
+        from dsv3.kernels import gemm
+
+        return gemm.fp8_gemm(x, None, w, w_s, out_dtype, scale_fmt=scale_fmt)
+    x_q, x_s = act_quant(x, scale_fmt=scale_fmt)
+    return fp8_gemm(x_q, x_s, w, w_s, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

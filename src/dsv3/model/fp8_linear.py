@@ -36,9 +36,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:  # type: ignore[override]
         x_TI = x.reshape(-1, x.shape[-1]).contiguous()
-        x_q, x_s = ops.act_quant(x_TI, scale_fmt=scale_fmt)
         w_q, w_s = ops.weight_quant(weight.detach().contiguous(), scale_fmt=scale_fmt)
-        y = ops.fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
+        y = ops.fp8_linear(x_TI, w_q, w_s, out_dtype=x.dtype, scale_fmt=scale_fmt)
         if ctx.needs_input_grad[1]:
             xt_q, xt_s = ops.act_quant(x_TI.t().contiguous(), scale_fmt=scale_fmt)  # 128x1 along tokens
         else:
