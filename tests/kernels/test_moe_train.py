@@ -238,3 +238,37 @@ def test_fp8_experts_bad_inputs(call, message: str) -> None:
     w_gate_up, w_down = _experts(2, 128, 32)
     with pytest.raises(KernelInputError, match=message):
         call(x, counts, w_gate_up, w_down)
+
+
+# ---- GPU: the benchmark's layer ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_fp8_experts_gpu_deepseek_layer(rel_err) -> None:
+    """64 experts, top-6, hidden 2048, width 1408, 4096 tokens: compiled kernels against the torch steps
+    (same quantizations; the FP8 MMA's ~14-bit accumulation flips rare roundings) and fp32 autograd."""
+    num_tokens, top_k, num_experts, hidden, width = 4096, 6, 64, 2048, 1408
+    ids = torch.rand(num_tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices
+    counts = torch.bincount(ids.flatten(), minlength=num_experts)
+    counts[:2] = 0  # empty experts at real size too
+    n = int(counts.sum())
+    x = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    w_gate_up = (torch.randn(num_experts, 2 * width, hidden, device="cuda") / hidden**0.5).bfloat16()
+    w_down = (torch.randn(num_experts, hidden, width, device="cuda") / width**0.5).bfloat16()
+    weights, probe = torch.rand(n, device="cuda") + 0.5, torch.randn(n, hidden, device="cuda").bfloat16()
+    with ops.force_backend("triton"):
+        got = _fp8_grads(x, counts, w_gate_up, w_down, weights, probe)
+    with ops.force_backend("torch"):
+        expected = _fp8_grads(x, counts, w_gate_up, w_down, weights, probe)
+    for name, a, b in zip(("out", "dx", "dw_gate_up", "dw_down", "drow_weights"), got, expected, strict=True):
+        print(f"fp8 experts {name}: triton vs torch steps {rel_err(a, b):.2e}")
+        assert rel_err(a, b) < 2e-2, name
+    assert not got[2][:2].any() and not got[3][:2].any()
+    exact = _fp8_grads(x.float(), counts, w_gate_up.float(), w_down.float(), weights, probe.float())
+    leaves = [t.float().clone().requires_grad_(True) for t in (x, w_gate_up, w_down, weights)]
+    out = reference.grouped_swiglu(leaves[0], counts.cpu(), *leaves[1:])
+    (out * probe.float()).sum().backward()
+    names = ("out", "dx", "dw_gate_up", "dw_down", "drow_weights")
+    for name, a, b in zip(names, exact, [out, *(t.grad for t in leaves)], strict=True):
+        print(f"fp8 experts {name}: vs fp32 autograd {rel_err(a, b.detach()):.2e}")
+        assert rel_err(a, b.detach()) < 0.1, name
