@@ -21,7 +21,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("dsv3.kernels.fp8", "dsv3.kernels.gemm", "dsv3.kernels.moe"):
+    for _name in ("dsv3.kernels.fp8", "dsv3.kernels.gemm", "dsv3.kernels.moe", "dsv3.kernels.moe_train"):
         if _name in sys.modules:  # decorated before the variable was set: its kernels would need a GPU
             raise pytest.UsageError(f"{_name} was imported before tests/conftest.py ran")
 

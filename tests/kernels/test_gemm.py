@@ -157,3 +157,39 @@ def test_blockwise_scaled_mm_gpu_matches_reference(rel_err) -> None:
     for b, b_s in (reference.weight_quant(w), reference.act_quant(w)):
         out = scaled_mm.blockwise_scaled_mm(a, a_s, b, b_s, torch.float32)
         assert rel_err(out, reference.fp8_gemm(a, a_s, b, b_s, torch.float32)) <= 1e-3
+
+
+# ---- activation quantization fused into the GEMM (decode shapes) ----------------------------------------
+
+
+@pytest.mark.parametrize(("m", "k", "scale_fmt"), [(1, 128, None), (37, 300, None), (16, 256, "ue8m0")])
+def test_fp8_linear_fuses_act_quant(
+    triton_backend, device, tiled_randn, rel_err, fp8_dot_tol, m, k, scale_fmt
+):
+    """One launch quantizing x's 1x128 tiles inside the GEMM equals act_quant followed by fp8_gemm."""
+    x = tiled_randn(m, k, device=device)
+    w_q, w_s = reference.weight_quant(torch.randn(200, k, device=device))
+    out = ops.fp8_linear(x, w_q, w_s, out_dtype=torch.float32, scale_fmt=scale_fmt)
+    x_q, x_s = reference.act_quant(x, scale_fmt=scale_fmt)
+    expected = reference.fp8_gemm(x_q, x_s, w_q, w_s, torch.float32)
+    assert out.shape == (m, 200)
+    assert rel_err(out, expected) < fp8_dot_tol  # the fused quantization rounds like torch's e4m3 cast
+    row_scale = expected.abs().amax(-1, keepdim=True)
+    assert ((out - expected).abs() / row_scale).max() < 10 * fp8_dot_tol  # every row, not just on average
+    assert ops.fp8_linear(x.bfloat16(), w_q, w_s).dtype == torch.bfloat16
+
+
+def test_e4m3_rounding_emulation_matches_torch(triton_backend, device) -> None:
+    """The fused quantization's rounding (emulated under the interpreter, the hardware cast on a GPU)
+    against torch's e4m3 cast: every e4m3 value, every midpoint (ties to even), subnormals, random values."""
+    from dsv3.kernels import gemm
+
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, mids, torch.rand(4000) * 896 - 448, torch.randn(2000) * 2**-7]).clamp(-448, 448)
+    x = values[: values.numel() // 128 * 128].view(-1, 128).clone()
+    x[:, 0] = 448.0  # every tile's amax is 448: scale 1, the quantized values are the rounded inputs
+    w_q = torch.eye(128).to(torch.float8_e4m3fn)  # identity weight: the GEMM returns the quantized x
+    out = gemm.fp8_gemm(x.to(device), None, w_q.to(device), torch.ones(1, 1, device=device), torch.float32)
+    assert torch.equal(out.cpu(), x.to(torch.float8_e4m3fn).float())

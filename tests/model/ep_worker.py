@@ -26,7 +26,10 @@ def main(case_path: str, out_dir: str) -> None:
     case = torch.load(case_path)
     layer = MoE.from_config(ModelConfig.from_hf_config(case["config"]))
     layer.load_state_dict(case["state"])
+    if case.get("fp8"):  # before sharding, as the trainer does: the shards keep the experts' precision
+        layer.experts.enable_fp8()
     parallelize_experts(layer, dist.group.WORLD)
+    assert layer.experts.fp8 == bool(case.get("fp8"))
     x_BTD = case["inputs"][rank].clone().requires_grad_(True)
     y_BTD, routing = layer(x_BTD)
     (y_BTD * case["probes"][rank]).sum().backward()

@@ -137,14 +137,23 @@ def _weight_block(N, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _weight_quant_kernel(w_ptr, y_ptr, s_ptr, N, K, POW2: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per BLOCK x BLOCK block of one matrix (program_id(2) walks a leading batch dim)."""
+def _weight_quant_kernel(
+    w_ptr, y_ptr, yt_ptr, s_ptr, N, K, TRANSPOSED: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One program per BLOCK x BLOCK block of one matrix (program_id(2) walks a leading batch dim);
+    TRANSPOSED also stores the block into yt [batch, K, N] (the dgrad GEMM's operand)."""
     offs, mask, s_index = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     y = tl.minimum(tl.maximum(tl.math.div_rn(w, s), -448.0), 448.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + s_index, s)
+    if TRANSPOSED:
+        offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        batch = tl.program_id(2).to(tl.int64)
+        offs_t = batch * N * K + offs_k[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(yt_ptr + offs_t, y.to(yt_ptr.dtype.element_ty), mask=mask)
 
 
 def weight_quant(
@@ -153,19 +162,37 @@ def weight_quant(
     scale_fmt: str | None = None,
     *,
     out_dtype: torch.dtype = FP8_DTYPE,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-128x128-block quantization of w [..., N, K] -> (y, s [..., ceil(N/128), ceil(K/128)] fp32)."""
+    transposed: bool = False,
+):
+    """Per-128x128-block quantization of w [..., N, K] -> (y, s [..., ceil(N/128), ceil(K/128)] fp32).
+
+    `transposed=True` returns (y, s, yt): yt [..., K, N] is y transposed (its scales are s transposed),
+    written by the same kernel from the same block, for the backward's dgrad GEMM.
+    """
     n, k = w.shape[-2:]
     w3 = w.reshape(-1, n, k)
     kernel_dtype = out_dtype if kernel_cast() else torch.float32
     y = torch.empty(w3.shape, dtype=kernel_dtype, device=w.device)
+    yt = torch.empty(w3.shape[0], k, n, dtype=kernel_dtype, device=w.device) if transposed else y
     nb, kb = triton.cdiv(n, block_size), triton.cdiv(k, block_size)
     s = torch.empty(w3.shape[0], nb, kb, dtype=torch.float32, device=w.device)
     if w3.numel():
         _weight_quant_kernel[(nb, kb, w3.shape[0])](
-            w3, y, s, n, k, POW2=scale_fmt == "ue8m0", BLOCK=block_size, num_warps=8
+            w3,
+            y,
+            yt,
+            s,
+            n,
+            k,
+            TRANSPOSED=transposed,
+            POW2=scale_fmt == "ue8m0",
+            BLOCK=block_size,
+            num_warps=8,
         )
-    return y.to(out_dtype).view(w.shape), s.view(*w.shape[:-2], nb, kb)
+    result = y.to(out_dtype).view(w.shape), s.view(*w.shape[:-2], nb, kb)
+    if transposed:
+        return (*result, yt.to(out_dtype).view(*w.shape[:-2], k, n))
+    return result
 
 
 @triton.jit

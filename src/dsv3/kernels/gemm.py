@@ -13,13 +13,14 @@ choice between this kernel and torch's cuBLAS blockwise `scaled_mm`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels.fp8 import kernel_cast
+from dsv3.kernels.fp8 import _scale_from_amax, interpreting, kernel_cast
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,19 @@ def gemm_config(m: int, n: int, num_sms: int = 132) -> GemmConfig:
 
 
 @triton.jit
+def _round_to_e4m3(y):
+    """float32 values in [-448, 448] rounded to the nearest float8_e4m3fn value (ties to even), in fp32.
+
+    Used under the interpreter, whose own fp32 -> e4m3 cast is wrong (fp8.py): normals keep 3 mantissa
+    bits (integer rounding of the fp32 bits), subnormals (|y| < 2**-6) round to multiples of 2**-9.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    subnormal = (y + 24576.0) - 24576.0  # 1.5 * 2**14: fp32 spacing 2**-9 around it
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -56,6 +70,9 @@ def _fp8_gemm_kernel(
     N,
     K,
     B_SCALE_ROWS: tl.constexpr,
+    QUANT_A: tl.constexpr,
+    EMULATE: tl.constexpr,
+    POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -86,7 +103,17 @@ def _fp8_gemm_kernel(
         mask_k = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+        if QUANT_A:  # a is bf16/fp32: quantize this 1x128 tile of each row here (act_quant's semantics)
+            a32 = a.to(tl.float32)
+            a_s = _scale_from_amax(tl.max(tl.abs(a32), axis=1), POW2)
+            a = tl.minimum(tl.maximum(tl.math.div_rn(a32, a_s[:, None]), -448.0), 448.0)
+            if EMULATE:
+                a = _round_to_e4m3(a)
+                b = b.to(tl.float32)
+            else:
+                a = a.to(b.dtype)
+        else:
+            a_s = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
         b_s = tl.load(bs_ptrs + kb, mask=mask_n, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         a_ptrs += BLOCK_K
@@ -95,21 +122,31 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of `device` (asked once: the query costs microseconds per GEMM)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def fp8_gemm(
     a: torch.Tensor,
-    a_s: torch.Tensor,
+    a_s: torch.Tensor | None,
     b: torch.Tensor,
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     config: GemmConfig | None = None,
+    scale_fmt: str | None = None,
 ) -> torch.Tensor:
-    """a @ b.T (see module doc); inputs contiguous, already validated by `ops.fp8_gemm`."""
+    """a @ b.T (see module doc); inputs contiguous, already validated by `ops.fp8_gemm`.
+
+    With a in bf16/fp16/fp32 (a_s ignored) each 1x128 tile of a is quantized inside the GEMM, as
+    `act_quant(a, scale_fmt=scale_fmt)` would: one launch for decode shapes instead of two.
+    """
     m, k = a.shape
     n = b.shape[0]
     b_scale_rows = 1 if b_s.shape[0] == n else 128
     if config is None:
-        num_sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 132
-        config = gemm_config(m, n, num_sms)
+        config = gemm_config(m, n, _num_sms(a.device))
     c = torch.empty(m, n, dtype=out_dtype if kernel_cast() else torch.float32, device=a.device)
     if m and n:
         if k == 0:
@@ -119,12 +156,15 @@ def fp8_gemm(
             a,
             b,
             c,
-            a_s,
+            a_s if a_s is not None else b_s,
             b_s,
             m,
             n,
             k,
             B_SCALE_ROWS=b_scale_rows,
+            QUANT_A=a.dtype != b.dtype,
+            EMULATE=interpreting(),
+            POW2=scale_fmt == "ue8m0",
             BLOCK_M=config.block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=128,

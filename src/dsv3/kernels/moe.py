@@ -13,7 +13,8 @@ ceil(N / BLOCK_M) + E row tiles (each expert wastes at most one partial tile) ti
 tile -> expert map made with `searchsorted` on the device tells each program its expert, and programs past
 the last tile exit at once. Experts with zero rows own no tiles and cost nothing.
 
-These kernels have no backward; `dsv3.kernels.ops` uses the reference when gradients are needed.
+These kernels have no backward of their own: `dsv3.kernels.fp8_experts` builds the FP8 training path
+from them and `moe_train.py`; for bf16 `dsv3.kernels.ops` uses the reference when gradients are needed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def _grouped_gemm_kernel(
     xs_ptr,
     ws_ptr,
     rw_ptr,
+    pre_ptr,
     offsets_ptr,
     tile_expert_ptr,
     tile_end_ptr,
@@ -44,6 +46,7 @@ def _grouped_gemm_kernel(
     FP8: tl.constexpr,
     SWIGLU: tl.constexpr,
     WEIGHTED: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     IEEE: tl.constexpr,
     WIDEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -54,6 +57,8 @@ def _grouped_gemm_kernel(
 
     With SWIGLU, w[e] is [2F, K] (gate rows then up rows) and column n of the output uses rows n and F + n.
     With FP8, x has 1x128 scales xs [N, K/128] and w 128x128 scales ws [E, W_ROWS/128, K/128]; BLOCK_K = 128.
+    STORE_PRE (with SWIGLU) also stores the pre-activations [gate | up] into pre [N, 2 * OUT_COLS] (what
+    the SwiGLU backward needs).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -109,6 +114,11 @@ def _grouped_gemm_kernel(
         wu_ptrs += BLOCK_K
     acc = acc_g
     if SWIGLU:
+        if STORE_PRE:
+            pre_ptrs = pre_ptr + offs_m[:, None].to(tl.int64) * (2 * OUT_COLS) + offs_n[None, :]
+            pre_mask = mask_m[:, None] & mask_n[None, :]
+            tl.store(pre_ptrs, acc_g.to(pre_ptr.dtype.element_ty), mask=pre_mask)
+            tl.store(pre_ptrs + OUT_COLS, acc_u.to(pre_ptr.dtype.element_ty), mask=pre_mask)
         acc = acc_g * tl.sigmoid(acc_g) * acc_u
         if WEIGHTED:
             acc *= tl.load(rw_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
@@ -116,13 +126,16 @@ def _grouped_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _tile_end(offsets_E: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Cumulative row tiles per expert (int32): expert e owns tiles [end[e-1], end[e])."""
+    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+    return torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(torch.int32)
+
+
 def _tile_map(offsets_E: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(tile -> expert map, cumulative tiles per expert, grid size) without a host synchronisation."""
     num_experts = offsets_E.shape[0]
-    counts = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
-    tile_end = torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(
-        torch.int32
-    )
+    tile_end = _tile_end(offsets_E, block_m)
     grid_m = triton.cdiv(num_rows, block_m) + num_experts
     tiles = torch.arange(grid_m, device=offsets_E.device, dtype=torch.int32)
     return torch.searchsorted(tile_end, tiles, right=True, out_int32=True), tile_end, grid_m
@@ -139,6 +152,7 @@ def _launch(
     swiglu: bool = False,
     row_weights_N: torch.Tensor | None = None,
     block_m: int | None = None,
+    pre: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_rows, k = x.shape
     w_rows = w.shape[1]
@@ -149,6 +163,8 @@ def _launch(
     if num_rows == 0 or out_cols == 0:
         return out.to(out_dtype)
     if k == 0:
+        if pre is not None:
+            pre.zero_()
         return out.zero_().to(out_dtype)
     is_fp8 = x_s is not None
     if block_m is None:  # heuristic (untuned): taller row tiles once experts average that many rows
@@ -165,6 +181,7 @@ def _launch(
         x_s if is_fp8 else dummy,
         w_s if is_fp8 else dummy,
         row_weights_N if row_weights_N is not None else dummy,
+        pre if pre is not None else dummy,
         offsets_E,
         tile_expert,
         tile_end,
@@ -175,6 +192,7 @@ def _launch(
         FP8=is_fp8,
         SWIGLU=swiglu,
         WEIGHTED=row_weights_N is not None,
+        STORE_PRE=pre is not None,
         IEEE=x.dtype == torch.float32,
         WIDEN=interpreting() and x.dtype in (torch.bfloat16, torch.float16),
         BLOCK_M=block_m,
@@ -229,6 +247,37 @@ def grouped_gemm_fp8(
         row_weights_N=row_weights_N,
         block_m=block_m,
     )
+
+
+def gate_up_fp8_with_pre(
+    x_ND: torch.Tensor,
+    x_s: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_s: torch.Tensor,
+    offsets_E: torch.Tensor,
+    out_dtype: torch.dtype,
+    row_weights_N: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 gate|up GEMM with SwiGLU (* row weight) fused: (h [N, F], pre-activations [gate | up] [N, 2F]),
+    both `out_dtype`; the training forward keeps the pre-activations for the SwiGLU backward."""
+    pre = torch.empty(
+        x_ND.shape[0],
+        w_gate_up_E2FD.shape[1],
+        dtype=out_dtype if kernel_cast() else torch.float32,
+        device=x_ND.device,
+    )
+    h = _launch(
+        x_ND,
+        w_gate_up_E2FD,
+        offsets_E,
+        out_dtype,
+        x_s=x_s,
+        w_s=w_s,
+        swiglu=True,
+        row_weights_N=row_weights_N,
+        pre=pre,
+    )
+    return h, pre.to(out_dtype)
 
 
 def grouped_swiglu(

@@ -8,11 +8,13 @@ this module imports without Triton.
 Backend switch: the environment variable `DSV3_KERNELS` (`auto`, the default; `triton`; `torch`) or the
 context manager `force_backend(...)`, which wins over the variable. Forcing `triton` on CPU tensors runs the
 kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before Triton is imported (tests).
-The Triton MoE path has no backward: when autograd needs gradients the reference runs instead.
+The Triton bf16 MoE path has no backward: when autograd needs gradients the reference runs instead
+(`grouped_swiglu_fp8_training` has its own, FP8, backward).
 
-Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm;
+Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm, fp8_linear;
 grouped experts (rows already grouped by expert: `dsv3.model.dispatch` permutes): grouped_gemm,
-grouped_gemm_fp8, grouped_swiglu, grouped_swiglu_fp8.
+grouped_gemm_fp8, grouped_swiglu, grouped_swiglu_fp8; FP8 training of the experts:
+grouped_swiglu_fp8_training.
 """
 
 from __future__ import annotations
@@ -296,6 +298,37 @@ def fp8_gemm(
     return gemm.fp8_gemm(a, a_s, b, b_s, out_dtype)
 
 
+def fp8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_s: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """x @ W.T for float x [M, K] and an FP8 weight w [N, K] with 128x128 block scales w_s: x quantized per
+    1x128 tile (`act_quant` semantics), FP32 accumulation, -> `out_dtype` (x's dtype by default).
+
+    On CUDA decode shapes (M <= 128) quantize inside the Triton GEMM: one launch, no quantized copy of x,
+    no host synchronisation; larger M quantize first and take `fp8_gemm`'s per-shape choice (cuBLAS).
+    """
+    op = "fp8_linear"
+    _check_tensor(op, "x", x, dtypes=_FLOAT_DTYPES, dim=2)
+    _check_tensor(op, "w", w, dtypes=(_FP8,), dim=2)
+    (m, k), n = x.shape, w.shape[0]
+    _check(w.shape[1] == k, f"{op}: x is [M, K={k}] but w is {tuple(w.shape)}; w must be [N, K]")
+    _check_scale(op, "w_s", w_s, (_cdiv(n, 128), _cdiv(k, 128)))
+    _check_block(op, 128, scale_fmt)
+    out_dtype = out_dtype or x.dtype
+    _check(out_dtype in _FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
+    _check_same_device(op, x=x, w=w, w_s=w_s)
+    if _use_triton(op, x, w) and (backend() == "triton" or m <= scaled_mm.DECODE_MAX_M):
+        from dsv3.kernels import gemm
+
+        return gemm.fp8_gemm(x, None, w, w_s, out_dtype, scale_fmt=scale_fmt)
+    x_q, x_s = act_quant(x, scale_fmt=scale_fmt)
+    return fp8_gemm(x_q, x_s, w, w_s, out_dtype)
+
+
 # ---------------------------------------------------------------------------------------------------
 # MoE building blocks (semantics: reference.grouped_gemm & co.)
 # ---------------------------------------------------------------------------------------------------
@@ -449,3 +482,47 @@ def grouped_swiglu_fp8(
         weights = row_weights_N.float().contiguous() if row_weights_N is not None else None
         return moe.grouped_swiglu_fp8(x_ND, offsets_E, *args[1:], weights)
     return reference.grouped_swiglu_fp8(x_ND, counts_E, *args[1:], row_weights_N)
+
+
+def grouped_swiglu_fp8_training(
+    x: torch.Tensor,
+    counts_E: torch.Tensor,
+    w_gate_up_E2FD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    row_weights_N: torch.Tensor | None = None,
+    *,
+    rows_N: torch.Tensor | None = None,
+    scale_fmt: str | None = None,
+) -> torch.Tensor:
+    """`grouped_swiglu` with every GEMM of forward and backward in FP8 (`dsv3.kernels.fp8_experts`):
+    differentiable in x, both (high-precision master) weights and the row weights.
+
+    With `rows_N` (int64 [N]) the experts' rows are x[rows_N] (x [T, D]): the permutation is fused with
+    the rows' quantization, and x's gradient sums each source row's copies.
+    """
+    op = "grouped_swiglu_fp8_training"
+    _check_tensor(op, "x", x, dtypes=_FLOAT_DTYPES, dim=2, contiguous=False)
+    _check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
+    _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
+    _check_experts(op, x, w_gate_up_E2FD, w_down_EDF)
+    num_rows = x.shape[0]
+    if rows_N is not None:
+        _check_tensor(op, "rows_N", rows_N, dim=1)
+        _check(not rows_N.is_floating_point(), f"{op}: rows_N must be an integer tensor")
+        num_rows = rows_N.shape[0]
+    _check_counts(op, counts_E, w_gate_up_E2FD.shape[0], num_rows)
+    _check_row_weights(op, row_weights_N, num_rows)
+    _check_block(op, 128, scale_fmt)
+    _check_same_device(op, x=x, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF, counts_E=counts_E)
+    from dsv3.kernels import fp8_experts
+
+    return fp8_experts.grouped_swiglu_fp8_training(
+        x,
+        counts_E,
+        w_gate_up_E2FD,
+        w_down_EDF,
+        row_weights_N,
+        rows_N=rows_N,
+        scale_fmt=scale_fmt,
+        use_triton=_use_triton(op, x, w_gate_up_E2FD, w_down_EDF),
+    )

@@ -246,3 +246,80 @@ def grouped_swiglu_fp8(
     gate_up = grouped_gemm_fp8(x_q, x_s, w_gate_up_E2FD, s_gate_up, offsets_E, out_dtype=torch.float32)
     h_q, h_s = act_quant(_scaled(swiglu(gate_up), row_weights_N).to(x_ND.dtype))
     return grouped_gemm_fp8(h_q, h_s, w_down_EDF, s_down, offsets_E, out_dtype=x_ND.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# FP8 training of the grouped experts (DeepSeek-V3 report, section 3.3, figure 7, applied per expert).
+#
+# The weight-gradient GEMMs of expert e contract over its rows, so their operands are quantized along the
+# token dimension: 128x1 tiles that restart at every expert's first row ("grouped column quantization").
+# Those operands are stored transposed, [features, tiles * 128]: tile t (numbered across experts in
+# order, expert e owning ceil(rows_e / 128) of them) holds the rows lo_e + 128 j .. of its expert, zero
+# padded, so a 128-wide K step of the weight-gradient GEMM is exactly one tile with one scale per feature.
+# ---------------------------------------------------------------------------------------------------
+
+
+def grouped_tile_end(offsets_E: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Cumulative count of `block`-row tiles per expert (int64): expert e owns tiles [end[e-1], end[e])."""
+    counts = torch.diff(offsets_E.long(), prepend=offsets_E.new_zeros(1, dtype=torch.long))
+    return torch.cumsum(torch.div(counts + block - 1, block, rounding_mode="floor"), 0)
+
+
+def grouped_tile_capacity(num_rows: int, num_experts: int, block: int = 128) -> int:
+    """Tiles allocated for the grouped column quantization: an upper bound known without a host sync."""
+    return -(-num_rows // block) + num_experts
+
+
+def grouped_col_quant(
+    x_NK: torch.Tensor,
+    offsets_E: torch.Tensor,
+    scale_fmt: str | None = None,
+    out_dtype: torch.dtype = FP8_DTYPE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x1 quantization per expert: (qt [K, capacity * 128] `out_dtype`, st [K, capacity] fp32).
+
+    Tiles past the last expert's stay zero (the kernels leave them unwritten; nothing reads them).
+    """
+    num_rows, k = x_NK.shape
+    capacity = grouped_tile_capacity(num_rows, offsets_E.shape[0])
+    qt = torch.zeros(k, capacity * 128, dtype=torch.float32, device=x_NK.device)
+    st = torch.zeros(k, capacity, dtype=torch.float32, device=x_NK.device)
+    tile_end = grouped_tile_end(offsets_E).tolist()
+    for (lo, hi), t0, t1 in zip(_expert_slices(offsets_E), [0, *tile_end[:-1]], tile_end, strict=True):
+        if hi > lo:
+            q, s = act_quant(x_NK[lo:hi].t(), scale_fmt=scale_fmt, out_dtype=torch.float32)
+            qt[:, t0 * 128 : t0 * 128 + hi - lo] = q
+            st[:, t0:t1] = s
+    return qt.to(out_dtype), st
+
+
+def grouped_wgrad_fp8(
+    a_qt: torch.Tensor,
+    a_st: torch.Tensor,
+    b_qt: torch.Tensor,
+    b_st: torch.Tensor,
+    offsets_E: torch.Tensor,
+) -> torch.Tensor:
+    """Per expert e: a_e.T @ b_e over its rows, from grouped column quantizations of a [N, O] and b [N, I]
+    (`grouped_col_quant` layout) -> float32 [E, O, I] (zero for experts without rows)."""
+    a32, b32 = act_dequant(a_qt, a_st), act_dequant(b_qt, b_st)
+    out = a32.new_zeros(offsets_E.shape[0], a_qt.shape[0], b_qt.shape[0])
+    tile_end = grouped_tile_end(offsets_E).tolist()
+    for e, (t0, t1) in enumerate(zip([0, *tile_end[:-1]], tile_end, strict=True)):
+        out[e] = a32[:, t0 * 128 : t1 * 128] @ b32[:, t0 * 128 : t1 * 128].T
+    return out
+
+
+def swiglu_backward(
+    grad_NF: torch.Tensor, gate_up_N2F: torch.Tensor, row_weights_N: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of h = w * silu(gate) * up: (d[gate | up] [N, 2F], dw [N] or None), in float32."""
+    grad = grad_NF.float()
+    gate, up = gate_up_N2F.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    activated = gate * sig * up
+    weights = row_weights_N.float()[:, None] if row_weights_N is not None else 1.0
+    grad_act = grad * weights
+    grad_gate = grad_act * up * sig * (1 + gate * (1 - sig))
+    grad_w = (grad * activated).sum(-1) if row_weights_N is not None else None
+    return torch.cat([grad_gate, grad_act * gate * sig], dim=-1), grad_w

@@ -10,6 +10,7 @@ decode (M <= 128) and for shapes cuBLAS refuses (N or K not a multiple of 128, M
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Literal
 
 import torch
@@ -71,6 +72,26 @@ def device_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+_BLOCK_SCALE_LAYOUTS: weakref.WeakKeyDictionary[torch.Tensor, tuple[int, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def block_scale_layout(b_s: torch.Tensor) -> torch.Tensor:
+    """128x128 weight scales [N/128, K/128] in cuBLAS's layout ([K/128 padded to 4, N/128], column-major),
+    cached per scale tensor and its version: a weight quantized once (inference) converts once."""
+    cached = _BLOCK_SCALE_LAYOUTS.get(b_s)
+    if cached is not None and cached[0] == b_s._version:
+        return cached[1]
+    num_kb = b_s.shape[1]
+    padded_kb = -(-num_kb // 4) * 4  # cuBLAS wants the K-block count of 128x128 scales padded to 4
+    scale_b = b_s.new_zeros(b_s.shape[0], padded_kb, dtype=torch.float32)
+    scale_b[:, :num_kb] = b_s
+    layout = scale_b.t()  # [K/128 (padded), N/128], strides (1, padded)
+    _BLOCK_SCALE_LAYOUTS[b_s] = (b_s._version, layout)
+    return layout
+
+
 def _col_major(t: torch.Tensor) -> torch.Tensor:
     """Same values, column-major strides (what cuBLAS wants for the scale tensors)."""
     return t.t().contiguous().t()
@@ -87,7 +108,6 @@ def blockwise_scaled_mm(
 
     Needs M % 16 == 0, N % 128 == 0, K % 128 == 0 (see `fp8_gemm_backend`); raises RuntimeError otherwise.
     """
-    num_kb = a.shape[1] // 128
     rowwise_b = b_s.shape[0] == b.shape[0]
     scale_a = _col_major(a_s.float())  # [M, K/128], strides (1, M)
     api = scaled_mm_api()
@@ -97,13 +117,8 @@ def blockwise_scaled_mm(
     if api is None:
         raise RuntimeError("this torch has no scaled_mm")
     recipe = F.ScalingType
-    if rowwise_b:
-        scale_b = _col_major(b_s.float())  # [N, K/128], strides (1, N)
-    else:
-        padded_kb = -(-num_kb // 4) * 4  # cuBLAS wants the K-block count of 128x128 scales padded to 4
-        scale_b = b_s.new_zeros(b_s.shape[0], padded_kb, dtype=torch.float32)
-        scale_b[:, :num_kb] = b_s
-        scale_b = scale_b.t()  # [K/128 (padded), N/128], strides (1, padded)
+    # 1x128 scales of b: [N, K/128] with strides (1, N)
+    scale_b = _col_major(b_s.float()) if rowwise_b else block_scale_layout(b_s)
     return F.scaled_mm(
         a,
         b.t(),

@@ -36,9 +36,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:  # type: ignore[override]
         x_TI = x.reshape(-1, x.shape[-1]).contiguous()
-        x_q, x_s = ops.act_quant(x_TI, scale_fmt=scale_fmt)
         w_q, w_s = ops.weight_quant(weight.detach().contiguous(), scale_fmt=scale_fmt)
-        y = ops.fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
+        y = ops.fp8_linear(x_TI, w_q, w_s, out_dtype=x.dtype, scale_fmt=scale_fmt)
         if ctx.needs_input_grad[1]:
             xt_q, xt_s = ops.act_quant(x_TI.t().contiguous(), scale_fmt=scale_fmt)  # 128x1 along tokens
         else:
@@ -134,16 +133,30 @@ class FP8Linear(nn.Module):
 
 
 def convert_to_fp8(
-    module: nn.Module, *, keep: Callable[[str], bool] = lambda name: False, scale_fmt: str | None = None
+    module: nn.Module,
+    *,
+    keep: Callable[[str], bool] = lambda name: False,
+    scale_fmt: str | None = None,
+    routed_experts: bool = True,
 ) -> list[str]:
-    """Swap every `nn.Linear` under `module` for an `FP8Linear` sharing its parameters, in place.
+    """Swap every `nn.Linear` under `module` for an `FP8Linear` sharing its parameters, in place, and
+    (with `routed_experts`) switch every `GroupedExperts` to FP8 (`GroupedExperts.enable_fp8`).
 
-    `keep(name)` leaves the named Linear as it is. Parameters, their names and the state dict are unchanged
-    (checkpoints and an optimizer built before the swap keep working). Returns the swapped names.
+    `keep(name)` leaves the named module as it is. Parameters, their names and the state dict are unchanged
+    (checkpoints and an optimizer built before the swap keep working). Returns the converted names.
     """
+    from dsv3.model.moe import GroupedExperts  # moe imports the kernels' ops, as this module does
+
     swapped = []
     for name, child in list(module.named_modules()):
-        if type(child) is not nn.Linear or keep(name):
+        if keep(name):
+            continue
+        if isinstance(child, GroupedExperts):
+            if routed_experts and not child.fp8:
+                child.enable_fp8(scale_fmt)
+                swapped.append(name)
+            continue
+        if type(child) is not nn.Linear:
             continue
         parent_name, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent_name), attribute, FP8Linear.from_linear(child, scale_fmt))

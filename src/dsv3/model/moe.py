@@ -102,6 +102,9 @@ class GroupedExperts(nn.Module):
     `first_expert` is the layer-wide index of expert 0 here (non-zero on an expert-parallel rank or a
     shard), so checkpoint names stay global. The Hugging Face per-expert names are produced and consumed
     by `dsv3.model.hf_names`.
+
+    `fp8` (set by `enable_fp8` or `DeepSeekV3.enable_fp8_training`) runs every GEMM of forward and
+    backward in block-scaled FP8 (`ops.grouped_swiglu_fp8_training`); the parameters keep their dtype.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, width: int, *, first_expert: int = 0) -> None:
@@ -115,17 +118,43 @@ class GroupedExperts(nn.Module):
         self.first_expert = first_expert
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, width))
+        self.fp8 = False
+        self.scale_fmt: str | None = None
+
+    def enable_fp8(self, scale_fmt: str | None = None) -> GroupedExperts:
+        """Train (and run) these experts in FP8 from now on; returns self."""
+        if scale_fmt not in (None, "ue8m0"):
+            raise ValueError(f"GroupedExperts: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
+        self.fp8, self.scale_fmt = True, scale_fmt
+        return self
+
+    @torch.no_grad()
+    def sliced(self, first: int, count: int) -> GroupedExperts:
+        """Experts [first, first + count) of these as a new module (copied weights, same precision)."""
+        _, width2, hidden = self.gate_up_proj.shape
+        local = GroupedExperts(count, hidden, width2 // 2, first_expert=self.first_expert + first).to(
+            device=self.gate_up_proj.device, dtype=self.gate_up_proj.dtype
+        )
+        local.gate_up_proj.copy_(self.gate_up_proj[first : first + count])
+        local.down_proj.copy_(self.down_proj[first : first + count])
+        local.fp8, local.scale_fmt = self.fp8, self.scale_fmt
+        return local
 
     def forward(
         self, rows_ND: torch.Tensor, counts_E: torch.Tensor, row_weights_N: torch.Tensor | None = None
     ) -> torch.Tensor:
         """SwiGLU of each expert's rows; `row_weights_N` (combine weights) scale the F-wide hidden rows."""
+        if self.fp8:
+            return ops.grouped_swiglu_fp8_training(
+                rows_ND, counts_E, self.gate_up_proj, self.down_proj, row_weights_N, scale_fmt=self.scale_fmt
+            )
         return ops.grouped_swiglu(rows_ND, counts_E, self.gate_up_proj, self.down_proj, row_weights_N)
 
     def extra_repr(self) -> str:
         _, width2, hidden = self.gate_up_proj.shape
         span = f"{self.first_expert}..{self.first_expert + self.num_experts - 1}"
-        return f"experts={span}, hidden={hidden}, width={width2 // 2}"
+        precision = f", fp8 (scale_fmt={self.scale_fmt})" if self.fp8 else ""
+        return f"experts={span}, hidden={hidden}, width={width2 // 2}{precision}"
 
 
 class MoE(nn.Module):

@@ -10,7 +10,6 @@ is already complete on its owner.
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -20,17 +19,6 @@ from dsv3.model.moe import GroupedExperts, MoE
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-@torch.no_grad()
-def _local_slice(experts: GroupedExperts, first: int, count: int) -> GroupedExperts:
-    _, width2, hidden = experts.gate_up_proj.shape
-    local = GroupedExperts(count, hidden, width2 // 2, first_expert=experts.first_expert + first).to(
-        device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype
-    )
-    local.gate_up_proj.copy_(experts.gate_up_proj[first : first + count])
-    local.down_proj.copy_(experts.down_proj[first : first + count])
-    return local
 
 
 def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
@@ -48,6 +36,6 @@ def parallelize_experts(model: nn.Module, group: dist.ProcessGroup | None) -> nn
         ):
             raise DispatchError("parallelize_experts: a MoE layer's experts are already sharded")
         dispatcher = AllToAllDispatcher(group, layer.experts.num_experts)
-        layer.experts = _local_slice(layer.experts, dispatcher.first_expert, dispatcher.num_local_experts)
+        layer.experts = layer.experts.sliced(dispatcher.first_expert, dispatcher.num_local_experts)
         layer.dispatcher = dispatcher
     return model

@@ -92,15 +92,17 @@ class DeepSeekV3(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def enable_fp8_training(self, scale_fmt: str | None = None) -> list[str]:
-        """Run the attention projections, dense MLPs, shared experts and MTP projections in FP8.
+    def enable_fp8_training(self, scale_fmt: str | None = None, *, routed_experts: bool = True) -> list[str]:
+        """Run the attention projections, dense MLPs, shared experts, MTP projections and (unless
+        `routed_experts=False`) the routed experts' grouped GEMMs in FP8, forward and backward.
 
         As in DeepSeek-V3's mixed-precision framework (report, section 3.3.1), the embedding, the output
-        head, the MoE gates, the norms and the attention core keep their precision. The routed experts
-        keep theirs too: their grouped FP8 kernels (`ops.grouped_swiglu_fp8`) have no backward yet.
+        head, the MoE gates, the norms and the attention core keep their precision.
         Call after initialisation or loading; returns the converted module names.
         """
-        return convert_to_fp8(self, keep=lambda name: name == "lm_head", scale_fmt=scale_fmt)
+        return convert_to_fp8(
+            self, keep=lambda name: name == "lm_head", scale_fmt=scale_fmt, routed_experts=routed_experts
+        )
 
     # ---- routing state ---------------------------------------------------------------------------
     def gates(self) -> list[Gate]:
