@@ -7,33 +7,53 @@ which also does the balance loss and the bias update); the transformers loop is 
 forward / cross-entropy / backward / clip / step. Runs alternate in one process so machine noise hits
 both; the best round of each is kept.
 
+Then the memory options of the trainer, same config and batch: activation checkpointing `none`,
+`full`, `moe` and micro-batches 2 and 4. Tokens/s is the trainer's real loop, the modes alternating,
+best of the rounds. Peak memory is the resident-set high-water mark of one training step above the
+process's size just before it (model, optimizer and data already there), each measured in a fresh
+process (the high-water mark never goes down), so it is the step's activations and gradients.
+
     python benchmarks/bench_training.py [--rounds 3] [--steps 20] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import multiprocessing
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from dsv3.model import DeepSeekV3, ModelConfig
 from dsv3.tokenizer import ByteTokenizer, token_stream
 from dsv3.trainer.config import TrainConfig
 from dsv3.trainer.data import PackedSequences
-from dsv3.trainer.loop import train
+from dsv3.trainer.faults import FaultInjector
+from dsv3.trainer.loop import forward_backward, train
 
 CONFIG = Path(__file__).with_name("train_small.json")
 BATCH, SEQ, LR = 8, 256, 1e-3
 GOAL = 1.5
 
 
-def _trainer_round(steps: int, out: Path) -> float:
+MEMORY_MODES = {
+    "none": {},
+    "full": {"activation_checkpointing": "full"},
+    "moe": {"activation_checkpointing": "moe"},
+    "micro-batches 2": {"micro_batches": 2},
+    "micro-batches 4": {"micro_batches": 4},
+}
+
+
+def _trainer_round(steps: int, out: Path, **options) -> float:
     config = TrainConfig(
         model=str(CONFIG),
         steps=steps,
@@ -45,8 +65,40 @@ def _trainer_round(steps: int, out: Path) -> float:
         progress="none",
         output_dir=out,
         seed=0,
+        **options,
     )
     return train(config).tokens_per_s
+
+
+def _step_peak_mib(options: dict, threads: int) -> float:
+    """In a fresh process: the RSS high-water mark of one training step above the RSS just before it."""
+    from dsv3.model.recompute import apply_activation_checkpointing
+
+    torch.set_num_threads(threads)
+    config = TrainConfig(model=str(CONFIG), batch=BATCH, seq_len=SEQ, **options)
+    torch.manual_seed(0)
+    model = DeepSeekV3(config.model_config()).train()
+    apply_activation_checkpointing(model, config.activation_checkpointing)
+    for p in model.parameters():  # gradients exist before the step, as in the loop after step 1
+        p.grad = torch.zeros_like(p)
+    ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    before = psutil.Process().memory_info().rss
+    forward_backward(model, ids, config, 1, contextlib.nullcontext, FaultInjector([], 0, 0, BATCH), 0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return (peak - before) / 2**20
+
+
+def _memory_table(rounds: int, steps: int, threads: int, tmp: Path) -> dict[str, dict[str, float]]:
+    spawn = multiprocessing.get_context("spawn")
+    table = {name: {"tokens_per_s": 0.0, "peak_mib": float("inf")} for name in MEMORY_MODES}
+    for _ in range(rounds):
+        for name, options in MEMORY_MODES.items():
+            rate = _trainer_round(steps, tmp / "mem", **options)
+            table[name]["tokens_per_s"] = max(table[name]["tokens_per_s"], rate)
+            with spawn.Pool(1) as pool:
+                peak = pool.apply(_step_peak_mib, (options, threads))
+            table[name]["peak_mib"] = min(table[name]["peak_mib"], peak)
+    return table
 
 
 def _transformers_round(steps: int, weights: Path, data: PackedSequences) -> float:
@@ -88,6 +140,7 @@ def main() -> None:
             best["dsv3 trainer"] = max(best["dsv3 trainer"], _trainer_round(args.steps, Path(tmp) / "run"))
             rate = _transformers_round(args.steps, Path(tmp) / "init", data)
             best["transformers + AdamW"] = max(best["transformers + AdamW"], rate)
+        memory = _memory_table(args.rounds, args.steps, args.threads, Path(tmp))
     speedup = best["dsv3 trainer"] / best["transformers + AdamW"]
     print(
         f"{datetime.date.today()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -97,12 +150,21 @@ def main() -> None:
     for name, rate in best.items():
         print(f"{name:>22} | {rate:>8.0f} tokens/s")
     print(f"speed-up {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'})")
+    header = f"{'tokens/s':>8} | {'vs none':>7} | {'step peak MiB':>13} | {'vs none':>7}"
+    print(f"\n{'memory option':>22} | {header}")
+    plain = memory["none"]
+    for name, row in memory.items():
+        print(
+            f"{name:>22} | {row['tokens_per_s']:>8.0f} | {row['tokens_per_s'] / plain['tokens_per_s']:>6.2f}x"
+            f" | {row['peak_mib']:>13.1f} | {row['peak_mib'] / plain['peak_mib']:>6.2f}x"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "tokens_per_s": best,
                 "speedup": speedup,
+                "memory_options": memory,
                 "threads": args.threads,
                 "date": str(datetime.date.today()),
             },
