@@ -9,9 +9,10 @@ both; the best round of each is kept.
 
 Then the memory options of the trainer, same config and batch: activation checkpointing `none`,
 `full`, `moe` and micro-batches 2 and 4. Tokens/s is the trainer's real loop, the modes alternating,
-best of the rounds. Peak memory is the resident-set high-water mark of one training step above the
-process's size just before it (model, optimizer and data already there), each measured in a fresh
-process (the high-water mark never goes down), so it is the step's activations and gradients.
+best of the rounds. Peak memory is the resident-set high-water mark (VmHWM) of one forward/backward
+step (the trainer's `forward_backward`) above the process's size just before it, with the model and its
+gradient buffers already there, each in a fresh process (the high-water mark never goes down): the
+step's activations and temporaries.
 
     python benchmarks/bench_training.py [--rounds 3] [--steps 20] [--threads 2]
 """
@@ -24,7 +25,6 @@ import datetime
 import json
 import multiprocessing
 import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -84,8 +84,16 @@ def _step_peak_mib(options: dict, threads: int) -> float:
     ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     before = psutil.Process().memory_info().rss
     forward_backward(model, ids, config, 1, contextlib.nullcontext, FaultInjector([], 0, 0, BATCH), 0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return (peak - before) / 2**20
+    return (_high_water_mark() - before) / 2**20
+
+
+def _high_water_mark() -> int:
+    """This process's peak RSS in bytes: VmHWM (per address space, so fresh after the spawn's exec;
+    `ru_maxrss` is not: Linux carries it over from the forking parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def _memory_table(rounds: int, steps: int, threads: int, tmp: Path) -> dict[str, dict[str, float]]:
