@@ -1,9 +1,13 @@
 """`train(config)`: one rank of a dp x ep run under torchrun (or a single plain process).
 
-Order of a step: this rank's slice of the global batch -> forward (experts through the all-to-all) ->
-loss / world -> backward -> gradient reduction (replicated over the world, experts over their replicas)
--> global-norm clip -> ZeRO-1 AdamW step + broadcast -> routing-bias update from the loads summed over
-every rank -> metrics (rank 0) -> checkpoint every `checkpoint_interval` steps and at the end.
+Order of a step: this rank's slice of the global batch, in `micro_batches` forward/backward passes
+(experts through the all-to-all; each loss / (world x micro-batches)) -> gradient reduction (replicated
+over the world, experts over their replicas) -> global gradient norm -> global loss means and expert
+loads -> anomaly tests, agreed over every rank (`anomaly.py`) -> unless the policy drops the update
+(`reaction.py`): global-norm clip, ZeRO-1 AdamW step + broadcast, routing-bias update from the loads
+summed over micro-batches and ranks -> metrics (rank 0) -> checkpoint every `checkpoint_interval` steps
+and at the end. A rollback restores the last checkpoint instead and continues after the bad batch; a
+watchdog thread (`watchdog.py`) ends the process when no step completes for `stall_timeout` seconds.
 """
 
 from __future__ import annotations
