@@ -26,6 +26,7 @@ from dsv3.operator import conditions as cond
 from dsv3.operator import handlers
 from dsv3.operator.config import OperatorConfig
 from dsv3.operator.kube import Kube
+from dsv3.operator.trainer_status import read_trainer_status
 from dsv3.serving.ports import free_port
 
 CONFIG = OperatorConfig(checkpoint_address="dsv3-checkpoint:50051")
@@ -109,3 +110,22 @@ def test_a_flag_condition_keeps_the_state_last_and_is_not_created_false() -> Non
     cleared = cond.set_flag(degraded, "Degraded", False, "Recovered", "healthy", later, 1)
     assert cleared[0]["status"] == "False" and cleared[0]["lastTransitionTime"] == "2026-12-01T00:01:00Z"
     assert cleared[-1]["type"] == "Running"
+
+
+def test_a_nan_loss_is_not_written_into_the_job_status(monkeypatch) -> None:
+    """A run diverged under `--anomaly-policy warn` reports loss NaN; JSON (and the API server) has none."""
+    from dsv3.trainer.anomaly import Anomaly, Kind
+    from dsv3.trainer.status import Board, StatusServer
+
+    port = free_port()
+    board = Board("nan-run", 10, step=4, loss=float("nan"), degraded=True)
+    board.last_anomaly = Anomaly(
+        Kind.NONFINITE, (Kind.NONFINITE,), 4, "loss nan, gradient norm nan", "WARNED"
+    )
+    server = StatusServer(board, "127.0.0.1", port).start()
+    try:
+        got = read_trainer_status(f"127.0.0.1:{port}")
+        assert got.step == 4 and got.loss is None and got.degraded
+        assert got.last_anomaly.reason == "Nonfinite" and got.last_anomaly.action == "WARNED"
+    finally:
+        server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ def read_trainer_status(address: str, timeout: float = 2.0) -> TrainerStatus | N
         state=reply.state,
         step=reply.step,
         total=reply.total,
-        loss=reply.loss if reply.step > 0 else None,
+        # NaN/Inf (a diverged step under --anomaly-policy warn) is not JSON: the status would not patch.
+        loss=reply.loss if reply.step > 0 and math.isfinite(reply.loss) else None,
         tokens_per_second=reply.tokens_per_second if reply.step > 0 else None,
         last_checkpoint_step=reply.last_checkpoint_step if reply.has_checkpoint else None,
         last_anomaly=_anomaly(reply),
