@@ -232,7 +232,12 @@ def _train(
     metrics = MetricsLog(config.output_dir) if layout.rank == 0 else None
     reaction = Reaction(config, layout.rank, board, metrics, run)
     if board is not None:
-        board.update(step=run.step, last_checkpoint_step=resumed.step if resumed else None)
+        board.update(
+            step=run.step,
+            last_checkpoint_step=resumed.step if resumed else None,
+            rollbacks=run.rollbacks,  # carried in checkpoint metadata across restarts
+            skipped_steps=run.skipped,
+        )
     held_out_before = evaluate(model, data, config, groups, device) if run.step == 0 else None
     if checkpointer is not None and resumed is None and config.anomaly_policy == "rollback":
         checkpointer.save(0, 0, 0, run.metadata(None))  # something to roll back to before the first interval
