@@ -7,33 +7,54 @@ which also does the balance loss and the bias update); the transformers loop is 
 forward / cross-entropy / backward / clip / step. Runs alternate in one process so machine noise hits
 both; the best round of each is kept.
 
+Then the memory options of the trainer, same config and batch: activation checkpointing `none`,
+`full`, `moe` and micro-batches 2 and 4. Tokens/s is the trainer's real loop, the modes alternating,
+best of the rounds. Peak memory is the resident-set high-water mark (VmHWM, reset through
+/proc/self/clear_refs after malloc_trim) of one forward/backward step (the trainer's `forward_backward`)
+above the process's size just before it, with the model and its gradient buffers already there, after a
+warm-up step, each mode in a fresh process: the step's activations and temporaries.
+
     python benchmarks/bench_training.py [--rounds 3] [--steps 20] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
+import multiprocessing
 import platform
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from dsv3.model import DeepSeekV3, ModelConfig
 from dsv3.tokenizer import ByteTokenizer, token_stream
 from dsv3.trainer.config import TrainConfig
 from dsv3.trainer.data import PackedSequences
-from dsv3.trainer.loop import train
+from dsv3.trainer.faults import FaultInjector
+from dsv3.trainer.loop import forward_backward, train
 
 CONFIG = Path(__file__).with_name("train_small.json")
 BATCH, SEQ, LR = 8, 256, 1e-3
 GOAL = 1.5
 
 
-def _trainer_round(steps: int, out: Path) -> float:
+MEMORY_MODES = {
+    "none": {},
+    "full": {"activation_checkpointing": "full"},
+    "moe": {"activation_checkpointing": "moe"},
+    "micro-batches 2": {"micro_batches": 2},
+    "micro-batches 4": {"micro_batches": 4},
+}
+
+
+def _trainer_round(steps: int, out: Path, **options) -> float:
     config = TrainConfig(
         model=str(CONFIG),
         steps=steps,
@@ -45,8 +66,54 @@ def _trainer_round(steps: int, out: Path) -> float:
         progress="none",
         output_dir=out,
         seed=0,
+        **options,
     )
     return train(config).tokens_per_s
+
+
+def _step_peak_mib(options: dict, threads: int) -> float:
+    """In a fresh process: the RSS high-water mark of one training step above the RSS just before it."""
+    from dsv3.model.recompute import apply_activation_checkpointing
+
+    torch.set_num_threads(threads)
+    config = TrainConfig(model=str(CONFIG), batch=BATCH, seq_len=SEQ, **options)
+    torch.manual_seed(0)
+    model = DeepSeekV3(config.model_config()).train()
+    apply_activation_checkpointing(model, config.activation_checkpointing)
+    for p in model.parameters():  # gradients exist before the step, as in the loop after step 1
+        p.grad = torch.zeros_like(p)
+    ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    peaks = []
+    for step in range(3):  # step 0 warms up (lazy imports and one-time buffers); the best of 1 and 2 counts
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory back to the OS: RSS is what is live
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        before = psutil.Process().memory_info().rss
+        forward_backward(model, ids, config, 1, contextlib.nullcontext, FaultInjector([], 0, 0, BATCH), 0)
+        if step:
+            peaks.append((_high_water_mark() - before) / 2**20)
+    return min(peaks)
+
+
+def _high_water_mark() -> int:
+    """This process's peak RSS in bytes: VmHWM (per address space, so fresh after the spawn's exec;
+    `ru_maxrss` is not: Linux carries it over from the forking parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def _memory_table(rounds: int, steps: int, threads: int, tmp: Path) -> dict[str, dict[str, float]]:
+    spawn = multiprocessing.get_context("spawn")
+    table = {name: {"tokens_per_s": 0.0, "peak_mib": float("inf")} for name in MEMORY_MODES}
+    for _ in range(rounds):
+        for name, options in MEMORY_MODES.items():
+            rate = _trainer_round(steps, tmp / "mem", **options)
+            table[name]["tokens_per_s"] = max(table[name]["tokens_per_s"], rate)
+            with spawn.Pool(1) as pool:
+                peak = pool.apply(_step_peak_mib, (options, threads))
+            table[name]["peak_mib"] = min(table[name]["peak_mib"], peak)
+    return table
 
 
 def _transformers_round(steps: int, weights: Path, data: PackedSequences) -> float:
@@ -88,6 +155,7 @@ def main() -> None:
             best["dsv3 trainer"] = max(best["dsv3 trainer"], _trainer_round(args.steps, Path(tmp) / "run"))
             rate = _transformers_round(args.steps, Path(tmp) / "init", data)
             best["transformers + AdamW"] = max(best["transformers + AdamW"], rate)
+        memory = _memory_table(args.rounds, args.steps, args.threads, Path(tmp))
     speedup = best["dsv3 trainer"] / best["transformers + AdamW"]
     print(
         f"{datetime.date.today()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -97,12 +165,21 @@ def main() -> None:
     for name, rate in best.items():
         print(f"{name:>22} | {rate:>8.0f} tokens/s")
     print(f"speed-up {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'})")
+    header = f"{'tokens/s':>8} | {'vs none':>7} | {'step peak MiB':>13} | {'vs none':>7}"
+    print(f"\n{'memory option':>22} | {header}")
+    plain = memory["none"]
+    for name, row in memory.items():
+        print(
+            f"{name:>22} | {row['tokens_per_s']:>8.0f} | {row['tokens_per_s'] / plain['tokens_per_s']:>6.2f}x"
+            f" | {row['peak_mib']:>13.1f} | {row['peak_mib'] / plain['peak_mib']:>6.2f}x"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "tokens_per_s": best,
                 "speedup": speedup,
+                "memory_options": memory,
                 "threads": args.threads,
                 "date": str(datetime.date.today()),
             },

@@ -57,6 +57,19 @@ def trainer_command(world: int, args: list[str], max_restarts: int = 0) -> list[
     ]  # fmt: skip
 
 
+def run_many(world: int, runs: list[tuple[list[str], dict[str, str]]], tmp: Path, timeout: float = 300):
+    """Several trainer runs (argv after BASE, extra env) in one torchrun launch (multi_run.py)."""
+    spec = tmp / "runs.json"
+    spec.write_text(json.dumps([{"argv": [*BASE, *argv], "env": env} for argv, env in runs]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+        "--max-restarts=0", str(Path(__file__).with_name("multi_run.py")), str(spec),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=trainer_env())
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
 def trainer_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -74,8 +87,9 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 
 def losses_by_step(output_dir: Path) -> dict[int, float]:
-    """The last logged loss of each step (a resumed run logs the steps after its checkpoint again)."""
-    return {r["step"]: r["loss"] for r in read_metrics(output_dir)}
+    """The last logged loss of each step (a resumed run logs the steps after its checkpoint again; a
+    stall report, which has no loss, is not a step's loss)."""
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
 
 
 def max_rel_diff(a: dict[int, float], b: dict[int, float], steps: range) -> float:
@@ -96,6 +110,7 @@ class Launcher:
     command = staticmethod(trainer_command)
     env = staticmethod(trainer_env)
     run = staticmethod(run_trainer)
+    run_many = staticmethod(run_many)
     metrics = staticmethod(read_metrics)
     losses = staticmethod(losses_by_step)
     max_rel_diff = staticmethod(max_rel_diff)

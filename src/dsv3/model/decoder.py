@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsv3.model.attention import MultiHeadLatentAttention
 from dsv3.model.cache import KVCache
@@ -24,6 +25,8 @@ class DecoderLayer(nn.Module):
             if config.is_moe_layer(layer_idx)
             else SwiGLUMLP(config.hidden_size, config.intermediate_size)
         )
+        # Recompute this whole layer in the backward pass (dsv3.model.recompute sets it).
+        self.recompute = False
 
     @property
     def is_moe(self) -> bool:
@@ -31,6 +34,13 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, Routing | None]:
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_BTD, cos, sin, None, use_reentrant=False)
+        return self._forward(x_BTD, cos, sin, cache)
+
+    def _forward(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
     ) -> tuple[torch.Tensor, Routing | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, cache, self.layer_idx)
         normed = self.post_attention_layernorm(x_BTD)

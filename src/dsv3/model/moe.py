@@ -21,6 +21,7 @@ from typing import Self
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsv3.kernels import ops
 from dsv3.model.config import ModelConfig
@@ -176,6 +177,8 @@ class MoE(nn.Module):
         self.experts = experts
         self.shared_experts = shared_experts
         self.dispatcher: TokenDispatcher = dispatcher or LocalDispatcher(gate.weight.shape[0])
+        # Recompute the routed experts' SwiGLU in the backward pass (dsv3.model.recompute sets it).
+        self.recompute_experts = False
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> MoE:
@@ -191,7 +194,13 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         routing = self.gate(x_TD)
         rows_ND, counts_E, handle = self.dispatcher.dispatch(x_TD, routing)
-        y_TD = self.dispatcher.combine(self.experts(rows_ND, counts_E, handle.row_weights_N), handle)
+        if self.recompute_experts and torch.is_grad_enabled():
+            expert_out_ND = checkpoint(
+                self.experts, rows_ND, counts_E, handle.row_weights_N, use_reentrant=False
+            )
+        else:
+            expert_out_ND = self.experts(rows_ND, counts_E, handle.row_weights_N)
+        y_TD = self.dispatcher.combine(expert_out_ND, handle)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view_as(x_BTD), routing

@@ -69,3 +69,37 @@ def set_state(
         }
     out.append(target)
     return out
+
+
+def set_flag(
+    conditions: list[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime.datetime,
+    generation: int,
+) -> list[Condition]:
+    """Set a condition that is not a state (e.g. `Degraded` next to `Running`) without moving it last.
+
+    A new one goes just before the last entry, so `conditions[-1]` stays the job's state. A condition
+    that does not exist yet is not created False (nothing to clear); an unchanged one is returned equal."""
+    value = "True" if status else "False"
+    out = [dict(c) for c in conditions]
+    for c in out:
+        if c["type"] == type_:
+            if c.get("status") != value:
+                c["lastTransitionTime"] = now_iso(now)
+            c.update(status=value, reason=reason, message=message, observedGeneration=generation)
+            return out
+    if not status:
+        return out
+    new = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now_iso(now),
+        "observedGeneration": generation,
+    }
+    return [*out[:-1], new, *out[-1:]]

@@ -29,7 +29,7 @@ from dsv3.operator.render import (
     worker_address,
 )
 from dsv3.operator.spec import GROUP, VERSION, SpecError, check_name, parse_serving, parse_training
-from dsv3.operator.trainer_status import read_trainer_status
+from dsv3.operator.trainer_status import TrainerStatus, read_trainer_status
 
 CONFIG = OperatorConfig.from_env()
 TRAINING = (GROUP, VERSION, "deepseektrainingjobs")
@@ -121,7 +121,7 @@ def reconcile_training(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, c
                 kube.ensure(m, ns, immutable=m.kind == "Pod")
         new["rendezvousId"] = rendezvous_id(owner, gen)
     if (new.get("workers") or {}).get("running"):
-        _read_progress(owner, spec.nodes, cfg, new)
+        _read_progress(owner, spec.nodes, cfg, new, generation)
     if new.get("startTime", "") is None:
         new.pop("startTime")
         if "startTime" in status:
@@ -131,8 +131,13 @@ def reconcile_training(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, c
         kube.delete(f"{GROUP}/{VERSION}", "DeepSeekTrainingJob", ns, owner.name)
 
 
-def _read_progress(owner: Owner, nodes: int, cfg: OperatorConfig, new: dict[str, Any]) -> None:
-    """Step, loss and tokens/s from rank 0 (tried on each worker host: c10d picks where rank 0 runs)."""
+def _read_progress(
+    owner: Owner, nodes: int, cfg: OperatorConfig, new: dict[str, Any], generation: int = 1
+) -> None:
+    """Step, loss, tokens/s and anomalies from rank 0 (tried on each worker host: c10d picks where rank 0
+    runs). The trainer's last anomaly becomes `status.lastAnomaly` and, while the trainer says it is
+    degraded, a `Degraded` condition (reason: the kind, message: the step and what was done), set False
+    again once the trainer reports healthy steps."""
     for rank in range(nodes):
         got = read_trainer_status(
             worker_address(owner, rank, cfg.status_port, cfg), cfg.status_timeout_seconds
@@ -146,7 +151,32 @@ def _read_progress(owner: Owner, nodes: int, cfg: OperatorConfig, new: dict[str,
             new["tokensPerSecond"] = round(got.tokens_per_second, 1)
         if got.last_checkpoint_step is not None:
             new["lastCheckpointStep"] = got.last_checkpoint_step
+        _degraded(got, new, generation)
         return
+
+
+def _degraded(got: TrainerStatus, new: dict[str, Any], generation: int) -> None:
+    anomaly = got.last_anomaly
+    conds = list(new.get("conditions") or [])
+    if anomaly is None:  # none yet, or a restarted trainer that has seen none since
+        if cond.is_true(conds, "Degraded"):
+            healthy = f"healthy: the trainer reports no anomaly since its start (step {got.step})"
+            conds = cond.set_flag(conds, "Degraded", False, "Recovered", healthy, _now(), generation)
+            new["conditions"] = conds
+        return
+    new["lastAnomaly"] = {
+        "kind": anomaly.kind,
+        "step": anomaly.step,
+        "action": anomaly.action,
+        "message": anomaly.message[:300],
+    }
+    what = f"{anomaly.kind} at step {anomaly.step} ({anomaly.action}): {anomaly.message}"[:500]
+    if got.degraded:
+        conds = cond.set_flag(conds, "Degraded", True, anomaly.reason, what, _now(), generation)
+    else:
+        healthy = f"healthy again at step {got.step}; last anomaly {what}"[:500]
+        conds = cond.set_flag(conds, "Degraded", False, "Recovered", healthy, _now(), generation)
+    new["conditions"] = conds
 
 
 @kopf.on.resume(*TRAINING)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64sv3/rpc/v1/trainer.proto\x12\x0b\x64sv3.rpc.v1\"\x16\n\x14TrainerStatusRequest\"\x96\x02\n\x15TrainerStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x16\n\x0ehas_checkpoint\x18\x06 \x01(\x08\x12\x1c\n\x14last_checkpoint_step\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x12\n\nworld_size\x18\t \x01(\x05\x12\x17\n\x0f\x65xpert_parallel\x18\n \x01(\x05\x12\x15\n\rdata_parallel\x18\x0b \x01(\x05\x12\x10\n\x08restarts\x18\x0c \x01(\x05\x12\x0f\n\x07message\x18\r \x01(\t2a\n\x0eTrainerService\x12O\n\x06Status\x12!.dsv3.rpc.v1.TrainerStatusRequest\x1a\".dsv3.rpc.v1.TrainerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64sv3/rpc/v1/trainer.proto\x12\x0b\x64sv3.rpc.v1\"\x16\n\x14TrainerStatusRequest\"\x98\x03\n\x15TrainerStatusResponse\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x16\n\x0ehas_checkpoint\x18\x06 \x01(\x08\x12\x1c\n\x14last_checkpoint_step\x18\x07 \x01(\x03\x12\x0b\n\x03job\x18\x08 \x01(\t\x12\x12\n\nworld_size\x18\t \x01(\x05\x12\x17\n\x0f\x65xpert_parallel\x18\n \x01(\x05\x12\x15\n\rdata_parallel\x18\x0b \x01(\x05\x12\x10\n\x08restarts\x18\x0c \x01(\x05\x12\x0f\n\x07message\x18\r \x01(\t\x12\x31\n\x0clast_anomaly\x18\x0e \x01(\x0b\x32\x1b.dsv3.rpc.v1.TrainerAnomaly\x12\x10\n\x08\x64\x65graded\x18\x0f \x01(\x08\x12\x11\n\tanomalies\x18\x10 \x01(\x05\x12\x11\n\trollbacks\x18\x11 \x01(\x05\x12\x15\n\rskipped_steps\x18\x12 \x01(\x03\"o\n\x0eTrainerAnomaly\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05kinds\x18\x02 \x03(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x11\n\tunix_time\x18\x06 \x01(\x01\x32\x61\n\x0eTrainerService\x12O\n\x06Status\x12!.dsv3.rpc.v1.TrainerStatusRequest\x1a\".dsv3.rpc.v1.TrainerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINERSTATUSREQUEST']._serialized_start=42
   _globals['_TRAINERSTATUSREQUEST']._serialized_end=64
   _globals['_TRAINERSTATUSRESPONSE']._serialized_start=67
-  _globals['_TRAINERSTATUSRESPONSE']._serialized_end=345
-  _globals['_TRAINERSERVICE']._serialized_start=347
-  _globals['_TRAINERSERVICE']._serialized_end=444
+  _globals['_TRAINERSTATUSRESPONSE']._serialized_end=475
+  _globals['_TRAINERANOMALY']._serialized_start=477
+  _globals['_TRAINERANOMALY']._serialized_end=588
+  _globals['_TRAINERSERVICE']._serialized_start=590
+  _globals['_TRAINERSERVICE']._serialized_end=687
 # @@protoc_insertion_point(module_scope)

@@ -16,12 +16,15 @@ from dsv3.trainer.config import SettingsError, parse_settings
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dsv3.trainer.anomaly import AnomalyError
     from dsv3.trainer.loop import train  # torch and the model load only after the settings parsed
 
     try:
         train(config)
     except SettingsError as exc:
         sys.exit(f"dsv3-trainer: error: {exc}")
+    except AnomalyError as exc:
+        sys.exit(f"dsv3-trainer: error: anomaly_policy: {exc}")
 
 
 if __name__ == "__main__":

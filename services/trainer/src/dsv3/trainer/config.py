@@ -52,6 +52,20 @@ class TrainConfig:
     ep: int = 1
     dp: int = 0  # 0: world size / ep
     collective_timeout: float = 60.0  # seconds; survivors of a dead peer give up after this
+    # memory
+    activation_checkpointing: str = "none"  # none | full (recompute each layer) | moe (the routed experts)
+    micro_batches: int = 1  # forward/backward passes per optimizer step (must divide batch / world)
+    # anomaly detection (dsv3.trainer.anomaly) and what to do about one
+    anomaly_policy: str = "warn"  # warn | skip (drop the step's update) | rollback (to the last checkpoint)
+    max_rollbacks: int = 3  # rollbacks allowed in the run; the next anomaly fails the job with its reason
+    spike_zscore: float = 6.0  # loss spike: robust z-score over the window above this (0: off)
+    spike_window: int = 50  # steps of loss and grad-norm history the spike and explosion tests use
+    spike_warmup: int = 10  # steps of history needed before the spike and explosion tests start
+    grad_norm_factor: float = 10.0  # explosion: grad norm above this x the window's median (0: off)
+    collapse_max_vio: float = 2.0  # expert collapse: a layer's MaxVio above this ... (0: off)
+    collapse_steps: int = 50  # ... for this many consecutive steps
+    stall_timeout: float = 900.0  # seconds without a completed step before the watchdog exits (0: off)
+    anomaly_clear_steps: int = 10  # clean steps after an anomaly before the status reports healthy
     # data
     data: str = ""  # text file/dir, .jsonl, .tok shard (dsv3 tokenize); "": the Python stdlib source
     data_field: str = "text"  # the JSONL field holding the text
@@ -75,17 +89,32 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
 
     def __post_init__(self) -> None:
-        positive = ("steps", "batch", "seq_len", "checkpoint_interval", "log_interval", "ep")
+        positive = (
+            "steps", "batch", "seq_len", "checkpoint_interval", "log_interval", "ep", "micro_batches",
+            "spike_window", "collapse_steps", "anomaly_clear_steps",
+        )  # fmt: skip
         for name in positive:
             _require(name, getattr(self, name) > 0, "must be > 0", getattr(self, name))
-        for name in ("warmup_steps", "keep_last", "dp", "eval_sequences", "seed"):
+        for name in (
+            "warmup_steps",
+            "keep_last",
+            "dp",
+            "eval_sequences",
+            "seed",
+            "max_rollbacks",
+            "spike_warmup",
+        ):
             _require(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
         for name in ("lr", "eps", "collective_timeout"):
             value = getattr(self, name)
             _require(name, math.isfinite(value) and value > 0, "must be a finite number > 0", value)
         for name in ("beta1", "beta2"):
             _require(name, 0 <= getattr(self, name) < 1, "must be in [0, 1)", getattr(self, name))
-        for name in ("weight_decay", "grad_clip", "mtp_weight", "bias_gamma", "balance_alpha"):
+        non_negative = (
+            "weight_decay", "grad_clip", "mtp_weight", "bias_gamma", "balance_alpha",
+            "spike_zscore", "grad_norm_factor", "collapse_max_vio", "stall_timeout",
+        )  # fmt: skip
+        for name in non_negative:
             value = getattr(self, name)
             _require(name, math.isfinite(value) and value >= 0, "must be a finite number >= 0", value)
         _require("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]", self.min_lr_ratio)
@@ -100,6 +129,30 @@ class TrainConfig:
             "resume_from", self.resume_from in ("latest", "none"), "must be latest|none", self.resume_from
         )
         _require("device", self.device in ("auto", "cpu", "cuda"), "must be auto|cpu|cuda", self.device)
+        recompute = ("none", "full", "moe")
+        _require(
+            "activation_checkpointing",
+            self.activation_checkpointing in recompute,
+            "must be none|full|moe",
+            self.activation_checkpointing,
+        )
+        policies = ("warn", "skip", "rollback")
+        _require(
+            "anomaly_policy",
+            self.anomaly_policy in policies,
+            "must be warn|skip|rollback",
+            self.anomaly_policy,
+        )
+        if self.anomaly_policy == "rollback" and not self.checkpoint:
+            raise SettingsError("anomaly_policy: rollback needs a checkpoint service (--checkpoint)")
+        _require(
+            "spike_warmup",
+            self.spike_warmup <= self.spike_window,
+            f"must be <= spike_window ({self.spike_window})",
+            self.spike_warmup,
+        )
+        if self.batch % self.micro_batches:
+            raise SettingsError(f"micro_batches ({self.micro_batches}) must divide batch ({self.batch})")
         _require("job", bool(self.job) and "/" not in self.job, "must be a name without '/'", self.job)
         if self.data and not Path(self.data).exists():
             raise SettingsError(f"data: {self.data!r} does not exist")
@@ -169,6 +222,11 @@ class Layout:
             )
         if config.batch % world:
             raise SettingsError(f"batch ({config.batch}) must be divisible by the world size ({world})")
+        if (config.batch // world) % config.micro_batches:
+            raise SettingsError(
+                f"micro_batches ({config.micro_batches}) must divide each rank's batch "
+                f"(batch {config.batch} / world {world} = {config.batch // world})"
+            )
         if config.seq_len > model.max_position_embeddings:
             raise SettingsError(
                 f"seq_len ({config.seq_len}) exceeds the model's max_position_embeddings "

@@ -1,9 +1,13 @@
 """`train(config)`: one rank of a dp x ep run under torchrun (or a single plain process).
 
-Order of a step: this rank's slice of the global batch -> forward (experts through the all-to-all) ->
-loss / world -> backward -> gradient reduction (replicated over the world, experts over their replicas)
--> global-norm clip -> ZeRO-1 AdamW step + broadcast -> routing-bias update from the loads summed over
-every rank -> metrics (rank 0) -> checkpoint every `checkpoint_interval` steps and at the end.
+Order of a step: this rank's slice of the global batch, in `micro_batches` forward/backward passes
+(experts through the all-to-all; each loss / (world x micro-batches)) -> gradient reduction (replicated
+over the world, experts over their replicas) -> global gradient norm -> global loss means and expert
+loads -> anomaly tests, agreed over every rank (`anomaly.py`) -> unless the policy drops the update
+(`reaction.py`): global-norm clip, ZeRO-1 AdamW step + broadcast, routing-bias update from the loads
+summed over micro-batches and ranks -> metrics (rank 0) -> checkpoint every `checkpoint_interval` steps
+and at the end. A rollback restores the last checkpoint instead and continues after the bad batch; a
+watchdog thread (`watchdog.py`) ends the process when no step completes for `stall_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -22,13 +26,25 @@ from dsv3.balance.bias import all_reduce_loads
 from dsv3.model import DeepSeekV3, ModelConfig
 from dsv3.model.loss import language_model_loss
 from dsv3.model.parallel import parallelize_experts
+from dsv3.model.recompute import apply_activation_checkpointing
 from dsv3.tokenizer import load_tokenizer
+from dsv3.trainer.anomaly import Action, AnomalyDetector, Thresholds, agree
 from dsv3.trainer.config import Layout, SettingsError, TrainConfig
 from dsv3.trainer.data import PackedSequences, token_stream
 from dsv3.trainer.export import export_model
+from dsv3.trainer.faults import FaultInjector
 from dsv3.trainer.metrics import MetricsLog, Progress, max_violation
-from dsv3.trainer.parallel import Groups, ShardedAdamW, clip_global_norm, init_groups, reduce_gradients
+from dsv3.trainer.parallel import (
+    Groups,
+    ShardedAdamW,
+    clip_gradients,
+    global_grad_norm,
+    init_groups,
+    reduce_gradients,
+)
+from dsv3.trainer.reaction import Reaction, RunState
 from dsv3.trainer.status import Board, State, StatusServer
+from dsv3.trainer.watchdog import StallWatchdog
 
 log = logging.getLogger("dsv3.trainer")
 
@@ -75,11 +91,45 @@ def prepare(config: TrainConfig) -> tuple[Layout, ModelConfig, PackedSequences, 
     return layout, model_config, data, device
 
 
-def _loss_parts(model, ids, config: TrainConfig, world: int, autocast) -> tuple:
+def _loss_parts(model, ids, config: TrainConfig, autocast) -> tuple:
     with autocast():
         out = model(ids)
         parts = language_model_loss(out, ids, config.mtp_weight, config.balance_alpha)
     return out, parts
+
+
+@dataclasses.dataclass
+class StepParts:
+    """This rank's loss parts of a step (means over its micro-batches) and its summed expert loads."""
+
+    main: torch.Tensor
+    mtp: torch.Tensor | None
+    balance: torch.Tensor | None
+    loads: torch.Tensor
+
+
+def forward_backward(
+    model, ids, config: TrainConfig, world: int, autocast, faults: FaultInjector, consumed: int
+) -> StepParts:
+    """`micro_batches` forward/backward passes over this rank's slice, gradients accumulating.
+
+    Each pass's loss is scaled by 1 / (world x micro-batches): every micro-batch holds the same number
+    of sequences, so the accumulated gradient is that of the global batch's mean loss, as one pass."""
+    count = config.micro_batches
+    scale = 1.0 / (world * count)
+    sums: list[torch.Tensor | None] = [None, None, None]
+    loads = None
+    for chunk in ids.chunk(count):
+        out, parts = _loss_parts(model, chunk, config, autocast)
+        parts = faults.poison(parts, consumed)
+        (parts.total * scale).backward()
+        for i, value in enumerate((parts.main, parts.mtp, parts.balance)):
+            if value is not None:
+                value = value.detach() / count
+                sums[i] = value if sums[i] is None else sums[i] + value
+        step_loads = out.expert_loads.detach()
+        loads = step_loads if loads is None else loads + step_loads
+    return StepParts(sums[0], sums[1], sums[2], loads)
 
 
 @torch.no_grad()
@@ -162,6 +212,7 @@ def _train(
         model.enable_fp8_training()
     if layout.ep > 1:
         parallelize_experts(model, groups.ep)
+    apply_activation_checkpointing(model, config.activation_checkpointing)
     optimizer = ShardedAdamW(
         model, groups, config.lr, (config.beta1, config.beta2), config.eps, config.weight_decay
     )
@@ -175,25 +226,34 @@ def _train(
             CheckpointClient(config.checkpoint), config.job, model, optimizer, groups, config.keep_last
         )
         resumed = checkpointer.restore() if config.resume_from == "latest" else None
-    start = resumed.step if resumed else 0
-    consumed = resumed.consumed if resumed else 0
-    tokens = resumed.tokens if resumed else 0
+    run = RunState.start(resumed)
+    if resumed is not None:
+        optimizer.set_step_count(run.step - run.skipped)
     metrics = MetricsLog(config.output_dir) if layout.rank == 0 else None
+    reaction = Reaction(config, layout.rank, board, metrics, run)
     if board is not None:
-        board.update(step=start, last_checkpoint_step=resumed.step if resumed else None)
-    held_out_before = evaluate(model, data, config, groups, device) if start == 0 else None
+        board.update(
+            step=run.step,
+            last_checkpoint_step=resumed.step if resumed else None,
+            rollbacks=run.rollbacks,  # carried in checkpoint metadata across restarts
+            skipped_steps=run.skipped,
+        )
+    held_out_before = evaluate(model, data, config, groups, device) if run.step == 0 else None
+    if checkpointer is not None and resumed is None and config.anomaly_policy == "rollback":
+        checkpointer.save(0, 0, 0, run.metadata(None))  # something to roll back to before the first interval
     autocast = (
         (lambda: torch.autocast(device_type=device, dtype=torch.bfloat16))
         if config.bf16
         else contextlib.nullcontext
     )
     mode = config.progress if layout.rank == 0 else "none"
-    progress = Progress(mode, config.steps, start, config.log_interval)
+    progress = Progress(mode, config.steps, run.step, config.log_interval)
     if layout.rank == 0:
         log.info(
-            "training %s: steps %d-%d of %d, world %d (dp %d x ep %d), batch %d x %d",
+            "training %s: steps %d-%d of %d, world %d (dp %d x ep %d), batch %d x %d in %d micro-batches, "
+            "activation checkpointing %s, anomaly policy %s",
             config.model,
-            start + 1,
+            run.step + 1,
             config.steps,
             config.steps,
             layout.world,
@@ -201,35 +261,47 @@ def _train(
             layout.ep,
             config.batch,
             config.seq_len,
+            config.micro_batches,
+            config.activation_checkpointing,
+            config.anomaly_policy,
         )
     if board is not None:
         board.update(state=State.TRAINER_STATE_RUNNING)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    faults = FaultInjector.from_env(layout.rank, attempt, config.batch)
+    detector = AnomalyDetector(Thresholds.of(config))
+    watchdog = StallWatchdog(config.stall_timeout, reaction.stalled).start()
     last_loss, window_start, window_tokens, rate = None, time.perf_counter(), 0, 0.0
     run_start, run_tokens = time.perf_counter(), 0
-    for step in range(start + 1, config.steps + 1):
+    while run.step < config.steps:
+        step = run.step + 1
+        faults.before_step(step)
         optimizer.set_lr(config.lr_at(step))
-        ids = data.batch(consumed, config.batch, layout.rank, layout.world).to(device)
-        out, parts = _loss_parts(model, ids, config, layout.world, autocast)
-        (parts.total / layout.world).backward()
+        ids = data.batch(run.consumed, config.batch, layout.rank, layout.world).to(device)
+        parts = forward_backward(model, ids, config, layout.world, autocast, faults, run.consumed)
         reduce_gradients(model, groups)
-        grad_norm = clip_global_norm(model, groups, config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        loads = out.expert_loads.detach()
+        grad_norm = global_grad_norm(model, groups)
+        loads = parts.loads
         if groups.world is not None:
             loads = all_reduce_loads(loads.clone(), groups.world)
-        model.update_routing_bias(loads, config.bias_gamma)
-        consumed += config.batch
-        step_tokens = config.batch * config.seq_len
-        tokens += step_tokens
-        window_tokens += step_tokens
-        run_tokens += step_tokens
         loss, mtp, balance = _global_means([parts.main, parts.mtp, parts.balance], groups)
+        max_vio = max_violation(loads)
+        anomaly = detector.check(step, loss, grad_norm, max_vio)
+        anomaly = agree(anomaly, step, groups.world, device)
+        action = reaction.decide(anomaly)
+        if action in (None, Action.WARNED):
+            clip_gradients(model, grad_norm, config.grad_clip)
+            optimizer.step()
+            model.update_routing_bias(loads, config.bias_gamma)
+            if anomaly is None:
+                detector.accept(loss, grad_norm)
+        optimizer.zero_grad()
+        step_tokens = config.batch * config.seq_len
         elapsed = time.perf_counter() - window_start
+        window_tokens += step_tokens
         rate = window_tokens / elapsed if elapsed > 0 else 0.0
         if elapsed > 2.0:
             window_start, window_tokens = time.perf_counter(), 0
-        last_loss = loss
         if metrics is not None:
             record = {
                 "step": step,
@@ -239,19 +311,35 @@ def _train(
                 "balance": balance,
                 "grad_norm": grad_norm,
                 "lr": config.lr_at(step),
-                "tokens": tokens,
-                "max_vio": max_violation(loads),
+                "tokens": run.tokens + step_tokens,
+                "max_vio": max_vio,
+                **reaction.fields(anomaly, action),
             }
             metrics.write(record)
             progress.update(step, record)
+        if action == Action.ROLLED_BACK:
+            with watchdog.paused():
+                back = checkpointer.restore()
+            skip_to = run.consumed + config.batch  # from the checkpoint's position through the bad batch
+            run.roll_back(back, skip_to)
+            reaction.rolled_back(anomaly, back, skip_to)
+            optimizer.set_step_count(run.step - run.skipped)
+            detector.reset_collapse()
+            continue
+        run.advance(config.batch, step_tokens, skipped=action == Action.SKIPPED)
+        run_tokens += step_tokens
+        last_loss = loss
         if board is not None:
-            board.update(step=step, loss=loss, tokens_per_second=rate)
+            board.update(step=step, loss=loss, tokens_per_second=rate, degraded=reaction.health.degraded)
+        watchdog.beat()
         if checkpointer is not None and (step % config.checkpoint_interval == 0 or step == config.steps):
             if board is not None:
                 board.update(state=State.TRAINER_STATE_CHECKPOINTING)
-            checkpointer.save(step, consumed, tokens, {"loss": loss})
+            with watchdog.paused():
+                checkpointer.save(step, run.consumed, run.tokens, run.metadata(loss))
             if board is not None:
                 board.update(state=State.TRAINER_STATE_RUNNING, last_checkpoint_step=step)
+    watchdog.stop()
     progress.close()
     held_out_after = evaluate(model, data, config, groups, device)
     if config.export:

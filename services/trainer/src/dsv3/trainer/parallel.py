@@ -110,8 +110,10 @@ def reduce_gradients(model: nn.Module, groups: Groups) -> None:
 
 
 @torch.no_grad()
-def clip_global_norm(model: nn.Module, groups: Groups, max_norm: float) -> float:
-    """The norm of the whole model's gradient (experts summed over their EP group); clip it to max_norm."""
+def global_grad_norm(model: nn.Module, groups: Groups) -> float:
+    """The norm of the whole model's gradient (experts summed over their EP group), after reduction.
+
+    The same number on every rank; NaN or Inf when any gradient element is (the anomaly test's input)."""
     device = next(model.parameters()).device  # NCCL reduces CUDA tensors only
     replicated = torch.zeros((), dtype=torch.float64, device=device)
     experts = torch.zeros((), dtype=torch.float64, device=device)
@@ -123,12 +125,23 @@ def clip_global_norm(model: nn.Module, groups: Groups, max_norm: float) -> float
             replicated += sq
     if groups.ep is not None:
         dist.all_reduce(experts, group=groups.ep)
-    norm = float((replicated + experts).sqrt())
+    return float((replicated + experts).sqrt())
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, norm: float, max_norm: float) -> None:
+    """Scale every gradient so that the global norm `norm` becomes at most `max_norm` (0: no clipping)."""
     if max_norm > 0:
         scale = max_norm / (norm + 1e-6)
         if scale < 1:
             for p in model.parameters():
                 p.grad.mul_(scale)
+
+
+def clip_global_norm(model: nn.Module, groups: Groups, max_norm: float) -> float:
+    """The global gradient norm, clipped to `max_norm`; returns the norm before clipping."""
+    norm = global_grad_norm(model, groups)
+    clip_gradients(model, norm, max_norm)
     return norm
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 
 from dsv3.rpc.v1 import trainer_pb2, trainer_pb2_grpc
 from dsv3.serving.server import ServiceServer
+
+if TYPE_CHECKING:
+    from dsv3.trainer.anomaly import Anomaly
 
 SERVICE_NAME = "dsv3.rpc.v1.TrainerService"
 
@@ -45,6 +49,11 @@ class Board:
     tokens_per_second: float = 0.0
     last_checkpoint_step: int | None = None
     message: str = ""
+    last_anomaly: Anomaly | None = None
+    degraded: bool = False
+    anomalies: int = 0
+    rollbacks: int = 0
+    skipped_steps: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,7 +79,25 @@ class Board:
                 data_parallel=self.data_parallel,
                 restarts=self.restarts,
                 message=self.message,
+                last_anomaly=_anomaly_message(self.last_anomaly),
+                degraded=self.degraded,
+                anomalies=self.anomalies,
+                rollbacks=self.rollbacks,
+                skipped_steps=self.skipped_steps,
             )
+
+
+def _anomaly_message(anomaly: Anomaly | None) -> trainer_pb2.TrainerAnomaly | None:
+    if anomaly is None:
+        return None
+    return trainer_pb2.TrainerAnomaly(
+        kind=anomaly.kind,
+        kinds=list(anomaly.kinds),
+        step=anomaly.step,
+        action=anomaly.action,
+        message=anomaly.message[:500],
+        unix_time=anomaly.unix_time,
+    )
 
 
 class _Servicer(trainer_pb2_grpc.TrainerServiceServicer):
