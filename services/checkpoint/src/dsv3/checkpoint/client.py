@@ -10,6 +10,7 @@ error is raised as the `grpc.RpcError` the server sent.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -113,8 +114,8 @@ class CheckpointClient:
         if len(calls) == 1:
             return [self._with_retries(lambda: calls[0](self._stub))]
         with ThreadPoolExecutor(len(calls), thread_name_prefix="checkpoint-stream") as pool:
-            futures = [
-                pool.submit(self._with_retries, lambda c=call, s=stub: c(s))
+            futures = [  # each in a copy of the caller's context: its trace continues on that thread
+                pool.submit(contextvars.copy_context().run, self._with_retries, lambda c=call, s=stub: c(s))
                 for call, stub in zip(calls, self._stubs, strict=False)
             ]
             return [f.result() for f in futures]

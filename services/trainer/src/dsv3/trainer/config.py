@@ -83,6 +83,7 @@ class TrainConfig:
     export: str = ""  # write the final model as a Hugging Face directory here
     status_port: int = 0  # rank 0 serves TrainerService here; 0: no status server
     status_host: str = "0.0.0.0"
+    metrics_port: int = 0  # rank 0 serves Prometheus metrics (/metrics) here; 0: none
     progress: str = "auto"  # auto (bar on a TTY, log lines otherwise), bar, log, none
     log_interval: int = 10
     seed: int = 0
@@ -123,6 +124,7 @@ class TrainConfig:
             _require(name, getattr(self, name) >= -1, "must be >= 0 (or -1: automatic)", getattr(self, name))
         _require("seq_len", self.seq_len >= 3, "must be >= 3 (MTP predicts two tokens ahead)", self.seq_len)
         _require("status_port", 0 <= self.status_port < 65536, "must be in [0, 65535]", self.status_port)
+        _require("metrics_port", 0 <= self.metrics_port < 65536, "must be in [0, 65535]", self.metrics_port)
         modes = ("auto", "bar", "log", "none")
         _require("progress", self.progress in modes, "must be auto|bar|log|none", self.progress)
         _require(

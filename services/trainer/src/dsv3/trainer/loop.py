@@ -27,6 +27,7 @@ from dsv3.model import DeepSeekV3, ModelConfig
 from dsv3.model.loss import language_model_loss
 from dsv3.model.parallel import parallelize_experts
 from dsv3.model.recompute import apply_activation_checkpointing
+from dsv3.serving import telemetry
 from dsv3.tokenizer import load_tokenizer
 from dsv3.trainer.anomaly import Action, AnomalyDetector, Thresholds, agree
 from dsv3.trainer.config import Layout, SettingsError, TrainConfig
@@ -34,6 +35,7 @@ from dsv3.trainer.data import PackedSequences, token_stream
 from dsv3.trainer.export import export_model
 from dsv3.trainer.faults import FaultInjector
 from dsv3.trainer.metrics import MetricsLog, Progress, max_violation
+from dsv3.trainer.observe import TrainerTelemetry
 from dsv3.trainer.parallel import (
     Groups,
     ShardedAdamW,
@@ -184,6 +186,7 @@ def _status(config: TrainConfig, layout: Layout) -> Iterator[Board | None]:
 
 
 def train(config: TrainConfig) -> Summary:
+    telemetry.setup("dsv3-trainer")  # before any client exists: their channels carry the trace context
     layout, model_config, data, device = prepare(config)
     torch.manual_seed(config.seed)
     backend = "nccl" if device == "cuda" else "gloo"
@@ -271,74 +274,79 @@ def _train(
     faults = FaultInjector.from_env(layout.rank, attempt, config.batch)
     detector = AnomalyDetector(Thresholds.of(config))
     watchdog = StallWatchdog(config.stall_timeout, reaction.stalled).start()
+    observer = TrainerTelemetry(layout.rank, config.job, config.metrics_port)
     last_loss, window_start, window_tokens, rate = None, time.perf_counter(), 0, 0.0
     run_start, run_tokens = time.perf_counter(), 0
     while run.step < config.steps:
         step = run.step + 1
-        faults.before_step(step)
-        optimizer.set_lr(config.lr_at(step))
-        ids = data.batch(run.consumed, config.batch, layout.rank, layout.world).to(device)
-        parts = forward_backward(model, ids, config, layout.world, autocast, faults, run.consumed)
-        reduce_gradients(model, groups)
-        grad_norm = global_grad_norm(model, groups)
-        loads = parts.loads
-        if groups.world is not None:
-            loads = all_reduce_loads(loads.clone(), groups.world)
-        loss, mtp, balance = _global_means([parts.main, parts.mtp, parts.balance], groups)
-        max_vio = max_violation(loads)
-        anomaly = detector.check(step, loss, grad_norm, max_vio)
-        anomaly = agree(anomaly, step, groups.world, device)
-        action = reaction.decide(anomaly)
-        if action in (None, Action.WARNED):
-            clip_gradients(model, grad_norm, config.grad_clip)
-            optimizer.step()
-            model.update_routing_bias(loads, config.bias_gamma)
-            if anomaly is None:
-                detector.accept(loss, grad_norm)
-        optimizer.zero_grad()
-        step_tokens = config.batch * config.seq_len
-        elapsed = time.perf_counter() - window_start
-        window_tokens += step_tokens
-        rate = window_tokens / elapsed if elapsed > 0 else 0.0
-        if elapsed > 2.0:
-            window_start, window_tokens = time.perf_counter(), 0
-        if metrics is not None:
-            record = {
-                "step": step,
-                "loss": loss,
-                "tokens_per_s": rate,
-                "mtp": mtp,
-                "balance": balance,
-                "grad_norm": grad_norm,
-                "lr": config.lr_at(step),
-                "tokens": run.tokens + step_tokens,
-                "max_vio": max_vio,
-                **reaction.fields(anomaly, action),
-            }
-            metrics.write(record)
-            progress.update(step, record)
-        if action == Action.ROLLED_BACK:
-            with watchdog.paused():
-                back = checkpointer.restore()
-            skip_to = run.consumed + config.batch  # from the checkpoint's position through the bad batch
-            run.roll_back(back, skip_to)
-            reaction.rolled_back(anomaly, back, skip_to)
-            optimizer.set_step_count(run.step - run.skipped)
-            detector.reset_collapse()
-            continue
-        run.advance(config.batch, step_tokens, skipped=action == Action.SKIPPED)
-        run_tokens += step_tokens
-        last_loss = loss
-        if board is not None:
-            board.update(step=step, loss=loss, tokens_per_second=rate, degraded=reaction.health.degraded)
-        watchdog.beat()
-        if checkpointer is not None and (step % config.checkpoint_interval == 0 or step == config.steps):
+        step_started = time.perf_counter()
+        with observer.step(step):
+            faults.before_step(step)
+            optimizer.set_lr(config.lr_at(step))
+            ids = data.batch(run.consumed, config.batch, layout.rank, layout.world).to(device)
+            parts = forward_backward(model, ids, config, layout.world, autocast, faults, run.consumed)
+            reduce_gradients(model, groups)
+            grad_norm = global_grad_norm(model, groups)
+            loads = parts.loads
+            if groups.world is not None:
+                loads = all_reduce_loads(loads.clone(), groups.world)
+            loss, mtp, balance = _global_means([parts.main, parts.mtp, parts.balance], groups)
+            max_vio = max_violation(loads)
+            anomaly = detector.check(step, loss, grad_norm, max_vio)
+            anomaly = agree(anomaly, step, groups.world, device)
+            action = reaction.decide(anomaly)
+            if action in (None, Action.WARNED):
+                clip_gradients(model, grad_norm, config.grad_clip)
+                optimizer.step()
+                model.update_routing_bias(loads, config.bias_gamma)
+                if anomaly is None:
+                    detector.accept(loss, grad_norm)
+            optimizer.zero_grad()
+            step_tokens = config.batch * config.seq_len
+            elapsed = time.perf_counter() - window_start
+            window_tokens += step_tokens
+            rate = window_tokens / elapsed if elapsed > 0 else 0.0
+            if elapsed > 2.0:
+                window_start, window_tokens = time.perf_counter(), 0
+            if metrics is not None:
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "tokens_per_s": rate,
+                    "mtp": mtp,
+                    "balance": balance,
+                    "grad_norm": grad_norm,
+                    "lr": config.lr_at(step),
+                    "tokens": run.tokens + step_tokens,
+                    "max_vio": max_vio,
+                    **reaction.fields(anomaly, action),
+                }
+                metrics.write(record)
+                progress.update(step, record)
+            if action == Action.ROLLED_BACK:
+                with watchdog.paused():
+                    back = checkpointer.restore()
+                skip_to = run.consumed + config.batch  # from the checkpoint's position through the bad batch
+                run.roll_back(back, skip_to)
+                reaction.rolled_back(anomaly, back, skip_to)
+                optimizer.set_step_count(run.step - run.skipped)
+                detector.reset_collapse()
+                continue
+            run.advance(config.batch, step_tokens, skipped=action == Action.SKIPPED)
+            run_tokens += step_tokens
+            last_loss = loss
             if board is not None:
-                board.update(state=State.TRAINER_STATE_CHECKPOINTING)
-            with watchdog.paused():
-                checkpointer.save(step, run.consumed, run.tokens, run.metadata(loss))
-            if board is not None:
-                board.update(state=State.TRAINER_STATE_RUNNING, last_checkpoint_step=step)
+                board.update(step=step, loss=loss, tokens_per_second=rate, degraded=reaction.health.degraded)
+            watchdog.beat()
+            observer.record(step, loss, rate, max_vio, time.perf_counter() - step_started, step_tokens,
+                            anomaly.kind if anomaly is not None else None)  # fmt: skip
+            if checkpointer is not None and (step % config.checkpoint_interval == 0 or step == config.steps):
+                if board is not None:
+                    board.update(state=State.TRAINER_STATE_CHECKPOINTING)
+                with watchdog.paused(), observer.checkpoint(step):
+                    checkpointer.save(step, run.consumed, run.tokens, run.metadata(loss))
+                if board is not None:
+                    board.update(state=State.TRAINER_STATE_RUNNING, last_checkpoint_step=step)
     watchdog.stop()
     progress.close()
     held_out_after = evaluate(model, data, config, groups, device)
