@@ -70,9 +70,9 @@ def longest_first(
     slots = layout.num_slots
     rows = torch.arange(layers)
     end_LE = torch.cumsum(count_LE, 1)
-    copy_expert_LP = torch.searchsorted(
-        end_LE, torch.arange(slots).expand(layers, slots).contiguous(), right=True
-    )
+    starts_LP = torch.zeros(layers, slots + 1, dtype=torch.int64)  # +1 where the next expert's copies begin
+    starts_LP.scatter_add_(1, end_LE[:, :-1], torch.ones_like(end_LE[:, :-1]))
+    copy_expert_LP = torch.cumsum(starts_LP[:, :slots], 1)
     rank_LP = torch.arange(slots) - (end_LE - count_LE).gather(1, copy_expert_LP)
     load_LP = (w_LE / count_LE).gather(1, copy_expert_LP)
     order_LP = torch.sort(load_LP, dim=1, descending=True, stable=True).indices  # first copies lead ties
@@ -83,44 +83,49 @@ def longest_first(
     num_shards = layout.num_shards
     shard_load_LS = torch.zeros(layers, num_shards, dtype=w_LE.dtype)
     free_LS = layout.slots_S.expand(layers, num_shards).clone()
-    fill_LS = torch.zeros(layers, num_shards, dtype=torch.int64)
+    full_LS = torch.where(free_LS > 0, 0.0, INF).to(w_LE.dtype)  # added to the load: a full shard never wins
     holds_LES = torch.zeros(layers, experts, num_shards, dtype=torch.bool)
     slot_expert_LP = torch.full((layers, slots), -1, dtype=torch.int64)
     slot_first_LP = torch.zeros(layers, slots, dtype=torch.bool)
-    start_S, node_S = layout.start_S, layout.node_S
+    start_S, slots_S, node_S = layout.start_S, layout.slots_S, layout.node_S
     if home_LE is not None:
+        home_LP = home_LE.gather(1, copy_expert_LP)
         node_free_LN = torch.zeros(layers, layout.num_nodes, dtype=torch.int64)
         node_free_LN.index_add_(1, node_S, free_LS)
         owed_LN = torch.zeros(layers, layout.num_nodes, dtype=torch.int64)  # first copies still to place
         owed_LN.scatter_add_(1, home_LE, torch.ones_like(home_LE))
+    # flat views: 1-D index ops cost a fraction of 2-D advanced indexing, and this loop is all index ops
+    load_flat, free_flat, full_flat = shard_load_LS.view(-1), free_LS.view(-1), full_LS.view(-1)
+    holds_flat, holds_rows = holds_LES.view(-1), holds_LES.view(layers * experts, num_shards)
+    expert_flat, first_flat = slot_expert_LP.view(-1), slot_first_LP.view(-1)
+    row_S, row_E, row_P = rows * num_shards, rows * experts, rows * slots
     for i in range(slots):
         expert_L, first_L = copy_expert_LP[:, i], first_LP[:, i]
-        room_LS = free_LS > 0
+        open_LS = shard_load_LS + full_LS
         if home_LE is not None:
-            home_L = home_LE[rows, expert_L]
-            at_home_LS = node_S[None, :] == home_L[:, None]
-            spare_LS = (node_free_LN - owed_LN)[:, node_S] > 0
-            room_LS &= torch.where(first_L[:, None], at_home_LS, spare_LS)
-        allowed_LS = room_LS & ~holds_LES[rows, expert_L]
-        cost_LS = torch.where(allowed_LS, shard_load_LS, INF)
-        stuck_L = ~allowed_LS.any(1)
-        if bool(stuck_L.any()):  # no shard without this expert: take a free one (fixed later)
-            fallback_LS = torch.where(room_LS, shard_load_LS, INF)
-            fallback_LS = torch.where(
-                room_LS.any(1, keepdim=True), fallback_LS, torch.where(free_LS > 0, 0.0, INF)
-            )
-            cost_LS = torch.where(stuck_L[:, None], fallback_LS, cost_LS)
+            no_spare_LS = (node_free_LN - owed_LN)[:, node_S] <= 0
+            away_LS = node_S[None, :] != home_LP[:, i, None]
+            open_LS = open_LS.masked_fill(torch.where(first_L[:, None], away_LS, no_spare_LS), INF)
+        cost_LS = open_LS.masked_fill(holds_rows.index_select(0, row_E + expert_L), INF)
         shard_L = cost_LS.argmin(1)
-        shard_load_LS[rows, shard_L] += load_LP[:, i]
-        free_LS[rows, shard_L] -= 1
-        holds_LES[rows, expert_L, shard_L] = True
-        position_L = start_S[shard_L] + fill_LS[rows, shard_L]
-        fill_LS[rows, shard_L] += 1
-        slot_expert_LP[rows, position_L] = expert_L
-        slot_first_LP[rows, position_L] = first_L
+        flat_L = row_S + shard_L
+        if bool(torch.isinf(cost_LS.view(-1).take(flat_L)).any()):  # no shard free of it: any free one
+            stuck_L = torch.isinf(cost_LS.view(-1).take(flat_L))
+            blocked_L = torch.isinf(open_LS).all(1, keepdim=True)
+            fallback_LS = torch.where(blocked_L, shard_load_LS + full_LS, open_LS)
+            shard_L = torch.where(stuck_L, fallback_LS.argmin(1), shard_L)
+            flat_L = row_S + shard_L
+        load_flat.index_add_(0, flat_L, load_LP[:, i])
+        left_L = free_flat.take(flat_L) - 1
+        free_flat.index_copy_(0, flat_L, left_L)
+        full_flat.index_copy_(0, flat_L, torch.where(left_L > 0, 0.0, INF).to(w_LE.dtype))
+        holds_flat.index_fill_(0, (row_E + expert_L) * num_shards + shard_L, True)
+        position_L = row_P + start_S[shard_L] + slots_S[shard_L] - 1 - left_L
+        expert_flat.index_copy_(0, position_L, expert_L)
+        first_flat.index_copy_(0, position_L, first_L)
         if home_LE is not None:
             node_free_LN[rows, node_S[shard_L]] -= 1
-            owed_LN[rows, home_L] -= first_L.long()
+            owed_LN[rows, home_LP[:, i]] -= first_L.long()
     return slot_expert_LP, slot_first_LP
 
 
@@ -186,7 +191,8 @@ def swap_down(
 ) -> int:
     """Trade copies between the busiest shard and the others while that lowers its load (in place).
 
-    Returns the number of rounds run. Layers at or under `target_L` (when given) are left alone.
+    Returns the number of rounds run. Layers at or under `target_L` (when given), or within 0.1% of
+    the best any placement could reach, are left alone.
     """
     layers, experts = w_LE.shape
     shard_P, start_S, slots_S = layout.shard_P, layout.start_S, layout.slots_S
@@ -197,11 +203,13 @@ def swap_down(
     holds_LES = torch.zeros(layers, experts, layout.num_shards, dtype=torch.bool)
     holds_LES[rows[:, None], slot_expert_LP, shard_P[None, :]] = True
     shard_load_LS = torch.zeros(layers, layout.num_shards, dtype=w_LE.dtype).index_add_(1, shard_P, load_LP)
+    # no layer can beat its mean shard load or its heaviest copy: stop within 0.1% of that bound
+    bound_L = torch.maximum(shard_load_LS.mean(1), load_LP.max(1).values) * (1 + 1e-3)
+    target_L = bound_L if target_L is None else torch.maximum(target_L, bound_L)
     active_L = torch.ones(layers, dtype=torch.bool)
     for rounds in range(1, max_rounds + 1):
         top_L, busiest_L = shard_load_LS.max(1)
-        if target_L is not None:
-            active_L &= top_L > target_L
+        active_L &= top_L > target_L
         if not bool(active_L.any()):
             return rounds - 1
         idx = active_L.nonzero().flatten()
