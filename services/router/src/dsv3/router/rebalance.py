@@ -20,7 +20,6 @@ Triggers: startup and shards joining or leaving (`ShardPool.set_members`), a sha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -65,6 +64,7 @@ class Placer:
         self.changes = 0
         self.last: Change | None = None
         self.pending: asyncio.Task | None = None
+        self._again: str | None = None
 
     # ---- what the plan follows -------------------------------------------------------------------
     def load_LE(self) -> torch.Tensor:
@@ -78,15 +78,27 @@ class Placer:
 
     # ---- triggers ----------------------------------------------------------------------------------
     def soon(self, reason: str) -> None:
-        """Plan and apply in the background (a shard lost or back); one pending at a time."""
+        """Plan and apply in the background (a shard lost or back). While one is running, one more is
+        queued, so a change of the shard set during a plan is never missed."""
+        self._again = reason
         if self.pending is None or self.pending.done():
-            self.pending = asyncio.get_running_loop().create_task(self.rebalance(reason))
+            self.pending = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._again is not None:
+            reason, self._again = self._again, None
+            try:
+                await self.rebalance(reason)
+            except Exception:
+                log.exception("re-placement (%s) failed", reason)
 
     async def run_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            try:
                 await self.rebalance("interval")
+            except Exception:
+                log.exception("periodic re-placement failed")
 
     # ---- plan and apply -----------------------------------------------------------------------------
     async def rebalance(self, reason: str, tolerance: float | None = None) -> Change:
