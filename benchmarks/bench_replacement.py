@@ -7,7 +7,9 @@ weight load takes real time) with one expert per MoE layer biased so that nearly
 records its request latency and the gaps between its tokens. Phases, in one run:
 - steady: traffic before any change (the baseline, measured side by side in the same run);
 - rebalance: the `Rebalance` RPC, from the call until it returns, plus `--settle` seconds;
-- scale 3 -> 4: a 4th shard announced in the registry, until it serves, plus `--settle`;
+- scale 3 -> 4: from a 4th shard serving and announced in the registry (its process boots first: on
+  this 2-core machine its imports would otherwise compete with the others) until the router routes
+  to it, plus `--settle`;
 - SIGKILL: a shard killed, until every expert has 2 copies on the survivors again, plus `--settle`.
 For each: p50/p99 request latency, the ratio of p99 to the steady p99, and the longest gap between
 two tokens of one stream (a stall). Every output is checked against the in-process model, and
@@ -246,8 +248,10 @@ def _run(router: str, model: DeepSeekV3, args, shard, procs) -> dict:
         }
         time.sleep(args.settle)
 
+        # the new shard boots first (on its own machine in a cluster; here its imports would compete
+        # for the same 2 cores): the phase starts once it serves and announces itself
+        _wait_serving(shard("s3"))
         begin = time.monotonic()
-        shard("s3")
         _wait(lambda: sum(s.live for s in client.placement().shards) == 4, 60, "4th shard serving")
         details["scale 3 -> 4"] = {
             "slots_moved": client.placement().last_change.slots_moved,
