@@ -235,7 +235,7 @@ def swap_down(
             ok_LKP &= ~tied_LKP | same_node_LP[:, None, :]
         worst_LKP = torch.where(ok_LKP, worst_LKP, INF)
         best_L, flat_L = worst_LKP.flatten(1).min(1)
-        gain_L = best_L < top * (1 - 1e-9)
+        gain_L = best_L < top * (1 - 1e-6)  # a real gain, not float rounding
         if not bool(gain_L.any()):
             active_L[idx] = False
             continue
