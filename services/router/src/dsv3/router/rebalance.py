@@ -13,6 +13,9 @@ at that moment (switched out of the map, then dropped), in as many waves as that
 A shard that fails in phase 1 is marked down and the change is abandoned (the old map stays, which
 every healthy shard still serves); the loss triggers a new plan without that shard.
 
+While some expert lacks its copies on live shards (a shard lost, one back empty), the plan only fills
+free slots with the missing copies (fewest loads, no waves); balance is restored by the next plan.
+
 Triggers: startup and shards joining or leaving (`ShardPool.set_members`), a shard lost or back
 (`ShardPool.mark_down` / its revival), every `--rebalance-interval` seconds, and the `Rebalance` RPC.
 """
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from dsv3.router.pool import Shard, ShardPool
 
 log = logging.getLogger(__name__)
+RECOVERY_TOLERANCE = 9.0  # accept any balance: only missing copies are loaded
 BetweenSteps = Callable[[Callable[[], None]], Awaitable[None]]
 
 
@@ -126,6 +130,10 @@ class Placer:
         load = self.load_LE()
         before = self.window_balancedness()
         current = to_table([s.held for s in shards], layout.sizes, self.layers)
+        if not self._redundant_enough(layout.min_copies):
+            # copies were lost (or a shard is back empty): restore them into free slots with the
+            # fewest loads, whatever the balance; the next interval or Rebalance call re-balances
+            tolerance = RECOVERY_TOLERANCE
         plan = await asyncio.to_thread(plan_shards, load, layout.sizes, layout.min_copies, current, tolerance)
         wanted = dict(
             zip((s.address for s in shards), from_table(plan.phy2log, layout.sizes, self.layers), strict=True)
@@ -149,6 +157,15 @@ class Placer:
             after,
         )
         return Change(self.version, reason, moved, before, after, 0.0)
+
+    def _redundant_enough(self, min_copies: int) -> bool:
+        """Every expert has `min_copies` copies on live shards in the map of the moment."""
+        copies: dict[Slot, int] = {}
+        for shard in self.pool.shards.values():
+            if shard.live:
+                for slot in shard.held:
+                    copies[slot] = copies.get(slot, 0) + 1
+        return all(copies.get(slot, 0) >= min_copies for slot in self.pool.slots)
 
     async def _switch(self, routes: dict[str, set[Slot]]) -> None:
         """Replace the router's map in one step between forward steps (shards not in `routes` stop)."""
