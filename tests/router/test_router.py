@@ -160,3 +160,15 @@ def test_bad_forward_requests_are_invalid_argument(cluster) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("input_ids")
     assert client.forward([[1, 2, 3]]).shape == (1, 3, 320)
+
+
+def test_rebalance_keeps_a_placement_that_cannot_improve_and_refuses_a_bad_tolerance(cluster) -> None:
+    _, _, client = cluster
+    before = client.placement()
+    change = client.rebalance().change  # both shards hold every expert: nothing to gain
+    assert change.version == before.version and change.slots_moved == 0 and change.reason == "request"
+    assert client.placement().version == before.version
+    with pytest.raises(grpc.RpcError) as err:
+        client.rebalance(tolerance=-1)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("tolerance")

@@ -66,12 +66,48 @@ class ShardInfo(_message.Message):
     compute_calls: int
     def __init__(self, address: _Optional[str] = ..., shard_id: _Optional[str] = ..., live: _Optional[bool] = ..., slots: _Optional[_Iterable[_Union[_expert_pb2.SlotId, _Mapping]]] = ..., tokens: _Optional[int] = ..., compute_calls: _Optional[int] = ...) -> None: ...
 
+class PlacementChange(_message.Message):
+    __slots__ = ("version", "reason", "slots_moved", "balancedness_before", "balancedness_after", "seconds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    reason: str
+    slots_moved: int
+    balancedness_before: float
+    balancedness_after: float
+    seconds: float
+    def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ..., slots_moved: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class PlacementResponse(_message.Message):
-    __slots__ = ("shards", "balancedness", "replicas")
+    __slots__ = ("shards", "balancedness", "replicas", "version", "last_change", "window_balancedness", "rebalances")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
+    REBALANCES_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     balancedness: float
     replicas: int
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., balancedness: _Optional[float] = ..., replicas: _Optional[int] = ...) -> None: ...
+    version: int
+    last_change: PlacementChange
+    window_balancedness: float
+    rebalances: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., balancedness: _Optional[float] = ..., replicas: _Optional[int] = ..., version: _Optional[int] = ..., last_change: _Optional[_Union[PlacementChange, _Mapping]] = ..., window_balancedness: _Optional[float] = ..., rebalances: _Optional[int] = ...) -> None: ...
+
+class RebalanceRequest(_message.Message):
+    __slots__ = ("tolerance",)
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    tolerance: float
+    def __init__(self, tolerance: _Optional[float] = ...) -> None: ...
+
+class RebalanceResponse(_message.Message):
+    __slots__ = ("change",)
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    change: PlacementChange
+    def __init__(self, change: _Optional[_Union[PlacementChange, _Mapping]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class RouterServiceStub:
                 request_serializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.PlacementRequest.SerializeToString,
                 response_deserializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.PlacementResponse.FromString,
                 _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/dsv3.rpc.v1.RouterService/Rebalance',
+                request_serializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -69,7 +74,15 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Placement(self, request, context):
-        """Which shard holds which (layer, expert), live shards, balancedness.
+        """Which shard holds which (layer, expert), live shards, balancedness, the last re-placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Re-plan the expert placement from the observed load now and apply it while serving (shards preload
+        new slots, the router switches between forward steps, old slots are dropped); returns when applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +105,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Placement,
                     request_deserializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.PlacementRequest.FromString,
                     response_serializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.PlacementResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.RebalanceRequest.FromString,
+                    response_serializer=dsv3_dot_rpc_dot_v1_dot_router__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class RouterService:
             '/dsv3.rpc.v1.RouterService/Placement',
             dsv3_dot_rpc_dot_v1_dot_router__pb2.PlacementRequest.SerializeToString,
             dsv3_dot_rpc_dot_v1_dot_router__pb2.PlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dsv3.rpc.v1.RouterService/Rebalance',
+            dsv3_dot_rpc_dot_v1_dot_router__pb2.RebalanceRequest.SerializeToString,
+            dsv3_dot_rpc_dot_v1_dot_router__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Python client of the router: `forward`, `generate`, `stream`, `placement`, each call with a deadline.
+"""Python client of the router: `forward`, `generate`, `stream`, `placement`, `rebalance`, with deadlines.
 
 Imports grpc, torch (for `forward`'s logits), the stubs and the tensor codec only: none of the router
 server's modules. Forward and Placement are retried on UNAVAILABLE through gRPC's service config (they
@@ -111,3 +111,10 @@ class RouterClient:
 
     def placement(self, timeout: float | None = None) -> router_pb2.PlacementResponse:
         return self.stub.Placement(router_pb2.PlacementRequest(), timeout=timeout or self.timeout)
+
+    def rebalance(
+        self, tolerance: float | None = None, timeout: float | None = None
+    ) -> router_pb2.RebalanceResponse:
+        """Re-plan from the observed load now; returns once the change is applied (not retried)."""
+        request = router_pb2.RebalanceRequest(tolerance=tolerance)
+        return self.stub.Rebalance(request, timeout=timeout or self.timeout)

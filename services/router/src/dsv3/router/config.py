@@ -18,6 +18,10 @@ class RouterConfig:
     shards_dns: str = ""  # ... or NAME:PORT of a headless Service, re-resolved every discovery interval ...
     redis_url: str | None = None  # ... or the Redis registry the shards announce themselves in
     replicas: int = 2  # copies of each expert, when the shards' slots allow
+    redundant_experts: int = 0  # extra slots per MoE layer for more copies of the busiest experts
+    rebalance_interval: float = 0.0  # seconds between re-plans from the observed load; 0: off
+    rebalance_tolerance: float = 0.05  # keep slots in place while within this of a fresh plan's balance
+    load_window_seconds: float = 60.0  # the expert load a plan follows: this many recent seconds
     device: str = ""  # cpu | cuda; empty: cuda when present
     max_batch: int = 64  # sequences decoded together
     max_length: int = 0  # context per sequence (prompt + new tokens); 0: min(max_position_embeddings, 4096)
@@ -44,6 +48,14 @@ class RouterConfig:
             raise ValueError(f"--shards-dns must be NAME:PORT, got {self.shards_dns!r}")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        if self.rebalance_interval < 0:
+            raise ValueError(f"rebalance_interval must be >= 0 (0: off), got {self.rebalance_interval}")
+        if not 0 <= self.rebalance_tolerance < 10:
+            raise ValueError(f"rebalance_tolerance must be in [0, 10), got {self.rebalance_tolerance}")
+        if self.load_window_seconds <= 0:
+            raise ValueError(f"load_window_seconds must be > 0, got {self.load_window_seconds}")
         if self.max_batch < 1 or self.max_length < 0:
             raise ValueError("max_batch must be >= 1 and max_length >= 0")
         for name in (

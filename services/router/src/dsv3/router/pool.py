@@ -5,7 +5,8 @@ chosen expert goes to one live replica (least outstanding rows), the rows are gr
 involved shard gets one `Compute` call, all concurrently. A shard that fails or times out is marked
 down and its rows are re-sent to other replicas within the same step; with no replica left the step
 fails with `ExpertUnavailable` naming (layer, expert). A down shard is health-checked until it answers,
-then its planned slots are reloaded (a restarted shard comes back empty) and it serves again.
+then a re-plan gives it slots again (a restarted shard comes back empty); losing it re-plans over the
+others at once, so its copies are re-created there. Placement itself lives in `dsv3.router.rebalance`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dsv3.router.placement import Plan, ShardCapacity, Slot, plan
+from dsv3.router.placement import Slot
+from dsv3.router.rebalance import Change, Placer
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc
 from dsv3.serving import tensor_codec
 
@@ -42,8 +44,10 @@ class Shard:
     health: health_pb2_grpc.HealthStub
     shard_id: str = ""
     capacity: int = 0
-    live: bool = False
-    held: set[Slot] = dataclasses.field(default_factory=set)
+    live: bool = False  # routed to (has its slots of the current map)
+    healthy: bool = False  # answered its last probe and has not failed since: may get slots
+    held: set[Slot] = dataclasses.field(default_factory=set)  # the router's map: what it routes here
+    loaded: set[Slot] = dataclasses.field(default_factory=set)  # what the shard holds (held + preloaded)
     outstanding: int = 0  # rows in flight
     rows_sent: int = 0
     calls: int = 0
@@ -85,6 +89,8 @@ class ShardPool:
         timeout_seconds: float,
         load_timeout_seconds: float,
         max_message_bytes: int,
+        redundant: int = 0,
+        tolerance: float = 0.05,
     ) -> None:
         self.slots = slots  # every (layer, expert) the model routes to
         self.load = load
@@ -96,8 +102,8 @@ class ShardPool:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self.shards: dict[str, Shard] = {}
-        self.plan = Plan({})
-        self._replan_lock = asyncio.Lock()
+        self.replan_lock = asyncio.Lock()
+        self.placer = Placer(self, redundant, tolerance)
         self._revive: dict[str, asyncio.Task] = {}
 
     # ---- membership ------------------------------------------------------------------------------
@@ -112,6 +118,8 @@ class ShardPool:
             return False
         shard.shard_id, shard.capacity = status.shard_id, status.capacity
         shard.held = {(s.slot.layer, s.slot.expert) for s in status.slots}
+        shard.loaded = set(shard.held)
+        shard.healthy = True
         return True
 
     def _connect(self, address: str) -> Shard:
@@ -143,56 +151,36 @@ class ShardPool:
             with contextlib.suppress(Exception):
                 await shard.channel.close()
         if joined or left:
-            await self.replan()
+            await self.replan("shards joined" if joined else "shards left")
 
-    async def replan(self) -> None:
-        """Re-place slots over the member shards and apply: load new slots, switch, drop old ones."""
-        async with self._replan_lock:
-            members = [s for s in self.shards.values() if s.capacity > 0]
-            current = [ShardCapacity(s.address, s.capacity, frozenset(s.held)) for s in members]
-            new = plan(self.slots, current, self.replicas)
-            self.plan = new
-            await asyncio.gather(*(self._apply(s) for s in members))
-
-    async def _apply(self, shard: Shard) -> bool:
-        wanted = self.plan.slots_of.get(shard.address, frozenset())
-        try:
-            missing = sorted(wanted - shard.held)
-            if missing:
-                await shard.stub.LoadSlots(self.load.request(missing), timeout=self.load_timeout)
-                shard.held |= set(missing)
-            shard.live = True  # serving its new slots from here on; old ones stop being chosen
-            extra = sorted(shard.held - wanted)
-            if extra:
-                shard.held -= set(extra)
-                ids = [expert_pb2.SlotId(layer=l, expert=e) for l, e in extra]
-                await shard.stub.DropSlots(expert_pb2.DropSlotsRequest(slots=ids), timeout=30)
-            return True
-        except grpc.RpcError as exc:
-            log.warning("shard %s: applying placement failed: %s", shard.address, exc.details())
-            self.mark_down(shard)
-            return False
+    async def replan(self, reason: str = "replan") -> Change:
+        """Re-place the slots over the healthy shards and apply the change while serving."""
+        return await self.placer.rebalance(reason)
 
     def mark_down(self, shard: Shard) -> None:
         if shard.live:
             log.warning("shard %s marked down", shard.address)
-        shard.live = False
+        was_healthy = shard.healthy
+        shard.live = shard.healthy = False
+        if was_healthy and self.shards.get(shard.address) is shard:
+            self.placer.soon("shard lost")  # re-create its copies on the others
         if shard.address not in self._revive or self._revive[shard.address].done():
             self._revive[shard.address] = asyncio.get_running_loop().create_task(self._revive_loop(shard))
 
     async def _revive_loop(self, shard: Shard, interval: float = 0.5) -> None:
-        """Health-check a down shard until it serves, reload its planned slots, mark it live."""
+        """Health-check a down shard until it serves, then re-plan with it (it gets slots, goes live)."""
         while self.shards.get(shard.address) is shard and not shard.live:
             if await self._probe(shard):
-                async with self._replan_lock:
-                    if await self._apply(shard):
-                        log.info("shard %s is back with %d slots", shard.address, len(shard.held))
-                        return
+                await self.placer.rebalance("shard back")
+                if shard.live:
+                    log.info("shard %s is back with %d slots", shard.address, len(shard.held))
+                    return
             await asyncio.sleep(interval)
 
     async def close(self) -> None:
-        for task in self._revive.values():
-            task.cancel()
+        for task in [*self._revive.values(), self.placer.pending]:
+            if task is not None:
+                task.cancel()
         for shard in self.shards.values():
             with contextlib.suppress(Exception):
                 await shard.channel.close()

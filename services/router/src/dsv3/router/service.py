@@ -3,6 +3,8 @@
 Start-up: load the dense weights, find the shards (static list, DNS, or the Redis registry), place every
 expert (`--replicas` copies where slots allow) and have the shards load them, then SERVING. Discovery
 keeps running: shards that appear join (and get slots), ones that vanish from DNS or the registry leave.
+Placement follows the observed expert load (`dsv3.router.rebalance`): on every change of the shard set,
+every --rebalance-interval seconds, and on a `Rebalance` call, applied without stopping the engine.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dsv3.model import ModelConfig
 from dsv3.router.config import RouterConfig
 from dsv3.router.dense import load_from_checkpoint, load_from_directory
 from dsv3.router.engine import Engine, RequestError, SamplingParams
+from dsv3.router.load_window import LoadWindow, run_sampling
 from dsv3.router.placement import balancedness
 from dsv3.router.pool import ExpertUnavailable, LoadSpec, ShardPool
 from dsv3.router.remote import attach
@@ -118,9 +121,38 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         loads = [float(s.rows_sent) for s in live]
         if not any(loads):
             loads = [float(len(s.held)) for s in live]
+        placer = self.pool.placer
         return router_pb2.PlacementResponse(
-            shards=shards, balancedness=balancedness(loads), replicas=self.pool.replicas
+            shards=shards,
+            balancedness=balancedness(loads),
+            replicas=self.pool.replicas,
+            version=placer.version,
+            last_change=_change_message(placer.last),
+            window_balancedness=placer.window_balancedness(),
+            rebalances=placer.changes,
         )
+
+    async def Rebalance(self, request, context):
+        tolerance = request.tolerance if request.HasField("tolerance") else None
+        if tolerance is not None and not 0 <= tolerance < 10:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"tolerance: must be in [0, 10), got {tolerance}"
+            )
+        change = await self.pool.placer.rebalance("request", tolerance)
+        return router_pb2.RebalanceResponse(change=_change_message(change))
+
+
+def _change_message(change) -> router_pb2.PlacementChange | None:
+    if change is None:
+        return None
+    return router_pb2.PlacementChange(
+        version=change.version,
+        reason=change.reason,
+        slots_moved=change.slots_moved,
+        balancedness_before=change.balancedness_before,
+        balancedness_after=change.balancedness_after,
+        seconds=change.seconds,
+    )
 
 
 async def _discover(config: RouterConfig) -> set[str]:
@@ -191,7 +223,16 @@ async def serve(config: RouterConfig) -> None:
         config.shard_timeout_seconds,
         config.load_timeout_seconds,
         config.max_message_bytes,
+        config.redundant_experts,
+        config.rebalance_tolerance,
     )
+    window = LoadWindow([moe.dispatcher for _, moe in layers], config.load_window_seconds)
+    pool.placer.window = window
+
+    async def between_steps(switch) -> None:  # the model thread runs one step at a time
+        await loop.run_in_executor(executor, switch)
+
+    pool.placer.between_steps = between_steps
     attach(layers, pool, loop)
     max_length = config.max_length or min(mc.max_position_embeddings, 4096)
     engine = Engine(model, config.max_batch, max_length, executor)
@@ -219,9 +260,12 @@ async def serve(config: RouterConfig) -> None:
                     f"{len(pool.shards)} found, {len(uncovered)} slots uncovered"
                 )
             await asyncio.sleep(0.2)
-        log.info("placement: %s", {a: len(s) for a, s in pool.plan.slots_of.items()})
+        log.info("placement: %s", {a: len(s.held) for a, s in pool.shards.items()})
         tasks.append(asyncio.create_task(engine.run()))
         tasks.append(asyncio.create_task(_discovery_loop(config, pool)))
+        tasks.append(asyncio.create_task(run_sampling(window)))
+        if config.rebalance_interval > 0:
+            tasks.append(asyncio.create_task(pool.placer.run_every(config.rebalance_interval)))
 
     try:
         await serve_forever(server, ready, config.grace_seconds)
