@@ -127,7 +127,8 @@ class ServiceProcess:
             str(self.port),
             *self.args,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # routers serve HTTP only where a test asks (--http-port): parallel runs would share the default 8000
+        env = {"DSV3_HTTP_PORT": "0", **os.environ, "OMP_NUM_THREADS": "1"}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         if wait:

@@ -29,6 +29,7 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[int, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past the tokenizer's EOS (vLLM's flag; benchmarks use it)
 
 
 class RequestError(ValueError):
@@ -42,6 +43,14 @@ class RequestError(ValueError):
 _DONE = object()
 
 
+@dataclasses.dataclass(frozen=True)
+class Emitted:
+    """One new token as the engine hands it out; `last` marks the request's final token."""
+
+    token: int
+    last: bool
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     prompt: list[int]
@@ -51,6 +60,9 @@ class Request:
     slot: int = -1
     cancelled: bool = False
     generator: torch.Generator | None = None
+    finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length", once finished
+    drafted: int = 0  # MTP draft tokens the main model verified for this request
+    accepted: int = 0  # ... and accepted
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -76,8 +88,17 @@ def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gene
 
 
 class Engine:
-    def __init__(self, model: DeepSeekV3, max_batch: int, max_length: int, executor: Executor) -> None:
+    def __init__(
+        self,
+        model: DeepSeekV3,
+        max_batch: int,
+        max_length: int,
+        executor: Executor,
+        eos_id: int | None = None,
+    ) -> None:
+        """`eos_id`: the tokenizer's end of sequence; sampling it ends a request unless `ignore_eos`."""
         self.model = model
+        self.eos_id = eos_id
         self.max_length = max_length
         self.vocab = model.config.vocab_size
         self.cache = SlotCache(model, max_batch, max_length)
@@ -86,6 +107,8 @@ class Engine:
         self.active: list[Request] = []
         self.wake = asyncio.Event()
         self.steps = 0  # decode forwards run (one per step, whatever the batch)
+        self.drafted = 0  # MTP drafts verified, over every request (speculative decoding)
+        self.accepted = 0
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -118,8 +141,13 @@ class Engine:
     def _emit(self, request: Request, token: int) -> bool:
         """Hand the token out; True when the request is finished."""
         request.generated.append(token)
-        request.queue.put_nowait(token)
-        done = len(request.generated) >= request.params.max_tokens or token in request.params.stop
+        params = request.params
+        if token in params.stop or (token == self.eos_id and not params.ignore_eos):
+            request.finish_reason = "stop"
+        elif len(request.generated) >= params.max_tokens:
+            request.finish_reason = "length"
+        done = request.finish_reason is not None
+        request.queue.put_nowait(Emitted(token, done))
         if done:
             request.queue.put_nowait(_DONE)
         return done
@@ -186,8 +214,8 @@ class Engine:
                     self._finish(request)
 
     @staticmethod
-    async def tokens(request: Request):
-        """The request's tokens as they come; raises what failed it."""
+    async def events(request: Request):
+        """The request's `Emitted` tokens as they come; raises what failed it."""
         while True:
             item = await request.queue.get()
             if item is _DONE:
@@ -195,3 +223,9 @@ class Engine:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    @staticmethod
+    async def tokens(request: Request):
+        """The request's token ids as they come; raises what failed it."""
+        async for item in Engine.events(request):
+            yield item.token
