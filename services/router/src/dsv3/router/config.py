@@ -23,6 +23,9 @@ class RouterConfig:
     redis_url: str | None = None  # ... or the Redis registry the shards announce themselves in
     replicas: int = 2  # copies of each expert, when the shards' slots allow
     device: str = ""  # cpu | cuda; empty: cuda when present
+    speculative: bool = (
+        True  # MTP speculative decoding when the checkpoint has MTP layers (--speculative off)
+    )
     max_batch: int = 64  # sequences decoded together
     max_length: int = 0  # context per sequence (prompt + new tokens); 0: min(max_position_embeddings, 4096)
     shard_timeout_seconds: float = 10.0  # deadline of one Compute call

@@ -60,6 +60,7 @@ class Request:
     slot: int = -1
     cancelled: bool = False
     generator: torch.Generator | None = None
+    draft: object = None  # speculative.Draft: the MTP's guess of the token after generated[-1]
     finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length", once finished
     drafted: int = 0  # MTP draft tokens the main model verified for this request
     accepted: int = 0  # ... and accepted
@@ -71,10 +72,14 @@ class Request:
 
 def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0; else temperature, then top-k, then top-p (nucleus), then a draw."""
-    logits = logits_V.float().cpu()
     if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+        return int(logits_V.float().cpu().argmax())
+    return int(torch.multinomial(probabilities(logits_V, params), 1, generator=generator))
+
+
+def probabilities(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a draw at temperature > 0 follows (float32, CPU): temperature, top-k, top-p."""
+    logits = logits_V.float().cpu() / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -84,7 +89,7 @@ def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gene
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
         sorted_probs[before >= params.top_p] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
 
 
 class Engine:
@@ -95,13 +100,21 @@ class Engine:
         max_length: int,
         executor: Executor,
         eos_id: int | None = None,
+        speculative: bool = False,
     ) -> None:
-        """`eos_id`: the tokenizer's end of sequence; sampling it ends a request unless `ignore_eos`."""
+        """`eos_id`: the tokenizer's end of sequence; sampling it ends a request unless `ignore_eos`.
+        `speculative`: decode with MTP drafts (`speculative.py`) when the model has MTP layers."""
         self.model = model
         self.eos_id = eos_id
         self.max_length = max_length
         self.vocab = model.config.vocab_size
-        self.cache = SlotCache(model, max_batch, max_length)
+        mtp = speculative and len(model.mtp) > 0
+        self.cache = SlotCache(model, max_batch, max_length, mtp_layers=1 if mtp else 0)
+        self.speculator = None
+        if mtp:
+            from dsv3.router.speculative import Speculator  # it imports this module's sampling
+
+            self.speculator = Speculator(model, self.cache)
         self.executor = executor
         self.waiting: list[Request] = []
         self.active: list[Request] = []
@@ -174,6 +187,57 @@ class Engine:
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
+    async def _prefill(self, requests: list[Request]) -> list[int]:
+        """Every joining prompt's first token (and, speculating, its first draft)."""
+        if self.speculator is None:
+            return await self._run_step(requests, [r.prompt for r in requests])
+        speculator = self.speculator
+
+        def work() -> list[int]:
+            out = speculator.prefill(
+                [r.slot for r in requests],
+                [r.prompt for r in requests],
+                [r.params for r in requests],
+                [r.generator for r in requests],
+            )
+            for request, (_, draft) in zip(requests, out, strict=True):
+                request.draft = draft
+            return [token for token, _ in out]
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    async def _decode(self, requests: list[Request]) -> list[list[int]]:
+        """The tokens each request gains this step: one, or with an accepted draft two."""
+        if self.speculator is None:
+            tokens = await self._run_step(requests, [[r.generated[-1]] for r in requests])
+            return [[t] for t in tokens]
+        from dsv3.router.speculative import Row
+
+        speculator = self.speculator
+        rows = [
+            Row(
+                r.slot,
+                r.params,
+                r.generator,
+                r.generated[-1],
+                r.draft,
+                r.params.max_tokens - len(r.generated),
+            )
+            for r in requests
+        ]
+
+        def work():
+            return speculator.decode(rows)
+
+        outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            request.draft = outcome.draft
+            request.drafted += outcome.drafted
+            request.accepted += outcome.accepted
+            self.drafted += outcome.drafted
+            self.accepted += outcome.accepted
+        return [o.tokens for o in outcomes]
+
     async def run(self) -> None:
         while True:
             for request in [r for r in self.active if r.cancelled]:
@@ -189,7 +253,7 @@ class Engine:
                 for request in joining:
                     request.slot = self.cache.take()
                 try:
-                    tokens = await self._run_step(joining, [r.prompt for r in joining])
+                    tokens = await self._prefill(joining)
                 except Exception as exc:
                     log.warning("prefill failed: %s", exc)
                     self._fail(joining, exc)
@@ -203,15 +267,17 @@ class Engine:
             if not decoding:
                 continue
             try:
-                tokens = await self._run_step(decoding, [[r.generated[-1]] for r in decoding])
+                gained = await self._decode(decoding)
             except Exception as exc:
                 log.warning("decode step failed: %s", exc)
                 self._fail(decoding, exc)
                 continue
             self.steps += 1
-            for request, token in zip(decoding, tokens, strict=True):
-                if self._emit(request, token):
-                    self._finish(request)
+            for request, tokens in zip(decoding, gained, strict=True):
+                for token in tokens:
+                    if self._emit(request, token):
+                        self._finish(request)
+                        break
 
     @staticmethod
     async def events(request: Request):

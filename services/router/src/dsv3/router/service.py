@@ -27,7 +27,7 @@ from dsv3.router.http_api import ServedModel, create_app, start_http
 from dsv3.router.metrics import RouterMetrics
 from dsv3.router.placement import balancedness
 from dsv3.router.pool import ExpertUnavailable, LoadSpec, ShardPool
-from dsv3.router.remote import attach
+from dsv3.router.remote import attach, mtp_layers
 from dsv3.rpc.v1 import expert_pb2, router_pb2, router_pb2_grpc
 from dsv3.serving import registry, tensor_codec
 from dsv3.serving.server import ServiceServer
@@ -91,6 +91,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             top_k=request.top_k,
             stop=tuple(request.stop),
             seed=request.seed if request.HasField("seed") else None,
+            ignore_eos=request.ignore_eos,
         )
         try:
             job = self.engine.submit(list(request.prompt_ids), params)
@@ -98,8 +99,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         index = 0
         try:
-            async for token in self.engine.tokens(job):
-                yield router_pb2.GenerateResponse(token=token, index=index)
+            async for event in self.engine.events(job):
+                reply = router_pb2.GenerateResponse(token=event.token, index=index)
+                if event.last:  # the final message carries how the request ended and its drafts
+                    reply.last = True
+                    reply.finish_reason = job.finish_reason or ""
+                    reply.draft_tokens = job.drafted
+                    reply.accepted_draft_tokens = job.accepted
+                yield reply
                 index += 1
         except Exception as exc:
             await self._abort_for(context, exc)
@@ -186,6 +193,9 @@ async def serve(config: RouterConfig) -> None:
     model, layers = await loop.run_in_executor(executor, _load_model, config)
     mc = model.config
     tokenizer = _load_tokenizer(config, mc.vocab_size)
+    speculative = config.speculative and len(model.mtp) > 0
+    if speculative:  # the MTP block's routed experts live on the shards too
+        layers = layers + mtp_layers(model)
     step = None if config.step < 0 else config.step
     if config.checkpoint is not None and step is None:
         from dsv3.checkpoint import CheckpointClient
@@ -210,7 +220,10 @@ async def serve(config: RouterConfig) -> None:
     )
     attach(layers, pool, loop)
     max_length = config.max_length or min(mc.max_position_embeddings, 4096)
-    engine = Engine(model, config.max_batch, max_length, executor, eos_id=tokenizer.eos_id)
+    engine = Engine(
+        model, config.max_batch, max_length, executor, eos_id=tokenizer.eos_id, speculative=speculative
+    )
+    log.info("speculative decoding (MTP drafts): %s", "on" if speculative else "off")
     servicer = RouterServicer(engine, pool, executor)
     server = ServiceServer(
         [SERVICE_NAME],
