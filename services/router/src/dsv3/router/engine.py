@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from concurrent.futures import Executor
 
 import torch
@@ -122,6 +123,7 @@ class Engine:
         self.steps = 0  # decode forwards run (one per step, whatever the batch)
         self.drafted = 0  # MTP drafts verified, over every request (speculative decoding)
         self.accepted = 0
+        self.decode_seconds = 0.0  # model-thread time of the decode steps (with their MTP drafts)
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -208,6 +210,13 @@ class Engine:
 
     async def _decode(self, requests: list[Request]) -> list[list[int]]:
         """The tokens each request gains this step: one, or with an accepted draft two."""
+        started = time.perf_counter()
+        try:
+            return await self._decode_tokens(requests)
+        finally:
+            self.decode_seconds += time.perf_counter() - started
+
+    async def _decode_tokens(self, requests: list[Request]) -> list[list[int]]:
         if self.speculator is None:
             tokens = await self._run_step(requests, [[r.generated[-1]] for r in requests])
             return [[t] for t in tokens]

@@ -32,6 +32,13 @@ class EngineCollector:
         yield CounterMetricFamily(
             "dsv3_spec_accepted_tokens", "MTP draft tokens the main model accepted", engine.accepted
         )
+        yield CounterMetricFamily(
+            "dsv3_decode_seconds", "Model time of decode steps (MTP drafting included)", engine.decode_seconds
+        )
+        mtp = engine.speculator.mtp_seconds if engine.speculator is not None else 0.0
+        yield CounterMetricFamily(
+            "dsv3_spec_mtp_seconds", "Model time of the MTP drafts in decode steps", mtp
+        )
 
 
 class RouterMetrics:

@@ -20,6 +20,7 @@ greedy output equals non-speculative greedy token for token.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import torch
@@ -96,6 +97,7 @@ class Speculator:
         self.model = model
         self.cache = cache
         self.accept = accept
+        self.mtp_seconds = 0.0  # time in the MTP drafts of decode steps: r = its share per step
 
     def _logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden_BTD)
@@ -137,7 +139,9 @@ class Speculator:
             emitted.append(tokens)
             accepted.append(ok)
         hidden_rows = [hidden[b, : len(t)] for b, t in enumerate(emitted)]
+        started = time.perf_counter()
         mtp_logits = batched.mtp_step(self.model, cache, slots, starts, hidden_rows, emitted)
+        self.mtp_seconds += time.perf_counter() - started
         return [
             Outcome(tokens, propose(mtp_logits[b], row.params, row.generator), use[b], accepted[b])
             for b, (row, tokens) in enumerate(zip(rows, emitted, strict=True))
