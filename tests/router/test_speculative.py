@@ -29,7 +29,7 @@ PROMPTS = ["def __init__(self", "import os\nimport ", "    return ", "class Foo:
 def trained_dir(tmp_path_factory) -> Path:
     """The debug flavour after a few steps on the default corpus (MTP loss included): its drafts hit."""
     directory = tmp_path_factory.mktemp("trained") / "demo"
-    settings = DemoSettings(steps=40, batch=4, seq_len=64, new_tokens=1, output_dir=directory)
+    settings = DemoSettings(steps=30, batch=4, seq_len=64, new_tokens=1, output_dir=directory)
     run_demo(settings, log=lambda *_: None)
     return directory
 
@@ -84,7 +84,7 @@ def test_greedy_speculative_equals_plain_greedy_in_a_continuous_batch(
 TINY = dataclasses.replace(ModelConfig.flavour("debug"), vocab_size=8, bos_token_id=0, eos_token_id=1)
 
 
-def _wrong_residual(logits_V, draft, params, generator):
+def _wrong_residual(logits_V, draft, params, generator, best=None):
     """A classic bug: on rejection, draw from the target p instead of the residual max(0, p - q)."""
     p_V = probabilities(logits_V, params)
     p_V = p_V / p_V.sum()

@@ -131,13 +131,11 @@ def _run_blocks(
 
 
 def _padded(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, tokens = len(token_lists), max(len(t) for t in token_lists)
-    ids_BT = torch.zeros(batch, tokens, dtype=torch.long, device=device)
-    valid_BT = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
-    for b, ids in enumerate(token_lists):
-        ids_BT[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        valid_BT[b, : len(ids)] = True
-    return ids_BT, valid_BT
+    """Right-padded ids [B, T] and which of them are real, built in one tensor each."""
+    tokens = max(len(t) for t in token_lists)
+    ids_BT = torch.tensor([[*t, *[0] * (tokens - len(t))] for t in token_lists], dtype=torch.long)
+    valid_BT = torch.tensor([[True] * len(t) + [False] * (tokens - len(t)) for t in token_lists])
+    return ids_BT.to(device), valid_BT.to(device)
 
 
 @torch.no_grad()
@@ -173,19 +171,18 @@ def mtp_step(
     cache: SlotCache,
     slots: list[int],
     starts: list[int],
-    hidden_rows: list[torch.Tensor],
+    hidden_BTD: torch.Tensor,
     token_lists: list[list[int]],
 ) -> torch.Tensor:
     """The first MTP module over new positions: position i combines the main model's hidden state h_i
-    (`hidden_rows[b]`, [T_b, D]) with the embedding of token i+1 (`token_lists[b]`), runs the block on
-    the MTP cache layer (after the main layers) from `starts[b]`, and returns the logits of each row's
-    last position [B, V]: the draft of the token after next."""
+    (`hidden_BTD[b, i - starts[b]]`, right-padded, at least as long as the longest token list) with the
+    embedding of token i+1 (`token_lists[b]`), runs the block on the MTP cache layer (after the main
+    layers) from `starts[b]`, and returns the logits of each row's last position [B, V]: the draft of
+    the token after next."""
     module = model.mtp[0]
     device = model.lm_head.weight.device
     ids_BT, valid_BT = _padded(token_lists, device)
-    h_BTD = torch.zeros(*ids_BT.shape, hidden_rows[0].shape[-1], dtype=hidden_rows[0].dtype, device=device)
-    for b, rows in enumerate(hidden_rows):
-        h_BTD[b, : rows.shape[0]] = rows
+    h_BTD = hidden_BTD[:, : ids_BT.shape[1]]
     embeds = module.enorm(model.model.embed_tokens(ids_BT))
     x_BTD = module.eh_proj(torch.cat((embeds, module.hnorm(h_BTD)), dim=-1))
     blocks = [(model.config.num_hidden_layers, module.block)]

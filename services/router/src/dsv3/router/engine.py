@@ -78,6 +78,15 @@ def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gene
     return int(torch.multinomial(probabilities(logits_V, params), 1, generator=generator))
 
 
+def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """`sample` for each row; the greedy rows through one argmax for the whole batch."""
+    greedy = logits_BV.argmax(-1).tolist() if any(p.temperature == 0 for p in params) else []
+    return [
+        greedy[b] if p.temperature == 0 else sample(logits_BV[b], p, generators[b])
+        for b, p in enumerate(params)
+    ]
+
+
 def probabilities(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution a draw at temperature > 0 follows (float32, CPU): temperature, top-k, top-p."""
     logits = logits_V.float().cpu() / params.temperature
@@ -180,7 +189,7 @@ class Engine:
             self._finish(request)
 
     def _sample_all(self, logits_BV: torch.Tensor, requests: list[Request]) -> list[int]:
-        return [sample(logits_BV[b], r.params, r.generator) for b, r in enumerate(requests)]
+        return sample_rows(logits_BV, [r.params for r in requests], [r.generator for r in requests])
 
     async def _run_step(self, requests: list[Request], token_lists: list[list[int]]) -> list[int]:
         def work() -> list[int]:

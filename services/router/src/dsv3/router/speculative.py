@@ -28,7 +28,7 @@ import torch
 from dsv3.model import DeepSeekV3
 from dsv3.router import batched
 from dsv3.router.batched import SlotCache
-from dsv3.router.engine import SamplingParams, probabilities, sample
+from dsv3.router.engine import SamplingParams, probabilities, sample, sample_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +37,29 @@ class Draft:
     probs_V: torch.Tensor | None  # the distribution it was drawn from (q); None when greedy
 
 
-def propose(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> Draft:
-    """A draft token from the MTP logits, drawn as the target would be (same temperature, top-k, top-p)."""
+def propose(
+    logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, best: int | None = None
+) -> Draft:
+    """A draft token from the MTP logits, drawn as the target would be (same temperature, top-k, top-p);
+    `best`: the argmax when the caller has it (one argmax for the whole batch)."""
     if params.temperature == 0:
-        return Draft(int(logits_V.float().cpu().argmax()), None)
+        return Draft(int(logits_V.float().cpu().argmax()) if best is None else best, None)
     q_V = probabilities(logits_V, params)
     q_V = q_V / q_V.sum()
     return Draft(int(torch.multinomial(q_V, 1, generator=generator)), q_V)
 
 
 def accept_draft(
-    target_logits_V: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None
+    target_logits_V: torch.Tensor,
+    draft: Draft,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    best: int | None = None,
 ) -> tuple[bool, int]:
-    """(accepted, token at the draft's position): the draft itself, or the replacement for it."""
+    """(accepted, token at the draft's position): the draft itself, or the replacement for it; `best`:
+    the target's argmax when the caller has it."""
     if params.temperature == 0 or draft.probs_V is None:
-        best = int(target_logits_V.float().cpu().argmax())
+        best = int(target_logits_V.float().cpu().argmax()) if best is None else best
         return best == draft.token, best
     p_V = probabilities(target_logits_V, params)
     p_V = p_V / p_V.sum()
@@ -65,7 +73,7 @@ def accept_draft(
     return False, int(torch.multinomial(residual_V, 1, generator=generator))
 
 
-AcceptRule = Callable[[torch.Tensor, Draft, SamplingParams, torch.Generator | None], tuple[bool, int]]
+AcceptRule = Callable[..., tuple[bool, int]]  # (target logits, draft, params, generator, best=None)
 
 
 @dataclasses.dataclass
@@ -102,6 +110,10 @@ class Speculator:
     def _logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden_BTD)
 
+    @staticmethod
+    def _sample(logits_V: torch.Tensor, row: Row, best: int) -> int:
+        return best if row.params.temperature == 0 else sample(logits_V, row.params, row.generator)
+
     @torch.no_grad()
     def prefill(
         self, slots: list[int], prompts: list[list[int]], params: list[SamplingParams], generators: list
@@ -111,11 +123,11 @@ class Speculator:
         lengths = [len(p) for p in prompts]
         last = hidden[torch.arange(len(slots)), torch.tensor(lengths) - 1]
         logits = self._logits(last)
-        firsts = [sample(logits[b], params[b], generators[b]) for b in range(len(slots))]
-        rows = [hidden[b, :n] for b, n in enumerate(lengths)]
+        firsts = sample_rows(logits, params, generators)
         following = [[*p[1:], t] for p, t in zip(prompts, firsts, strict=True)]
-        mtp_logits = batched.mtp_step(self.model, self.cache, slots, [0] * len(slots), rows, following)
-        drafts = [propose(mtp_logits[b], params[b], generators[b]) for b in range(len(slots))]
+        mtp_logits = batched.mtp_step(self.model, self.cache, slots, [0] * len(slots), hidden, following)
+        best = mtp_logits.argmax(-1).tolist()
+        drafts = [propose(mtp_logits[b], params[b], generators[b], best[b]) for b in range(len(slots))]
         return list(zip(firsts, drafts, strict=True))
 
     @torch.no_grad()
@@ -127,22 +139,23 @@ class Speculator:
         inputs = [[r.pending, r.draft.token] if u else [r.pending] for r, u in zip(rows, use, strict=True)]
         hidden = batched.forward(self.model, cache, slots, inputs)
         logits = self._logits(hidden)
+        best_BT = logits.argmax(-1).tolist()  # greedy rows: one argmax for the batch
         emitted: list[list[int]] = []
         accepted: list[bool] = []
         for b, row in enumerate(rows):
             if use[b]:
-                ok, token = self.accept(logits[b, 0], row.draft, row.params, row.generator)
-                tokens = [token, sample(logits[b, 1], row.params, row.generator)] if ok else [token]
+                ok, token = self.accept(logits[b, 0], row.draft, row.params, row.generator, best_BT[b][0])
+                tokens = [token, self._sample(logits[b, 1], row, best_BT[b][1])] if ok else [token]
             else:
-                ok, tokens = False, [sample(logits[b, 0], row.params, row.generator)]
+                ok, tokens = False, [self._sample(logits[b, 0], row, best_BT[b][0])]
             cache.lengths[row.slot] = starts[b] + len(tokens)  # a rejected draft's entry rolls back
             emitted.append(tokens)
             accepted.append(ok)
-        hidden_rows = [hidden[b, : len(t)] for b, t in enumerate(emitted)]
         started = time.perf_counter()
-        mtp_logits = batched.mtp_step(self.model, cache, slots, starts, hidden_rows, emitted)
+        mtp_logits = batched.mtp_step(self.model, cache, slots, starts, hidden, emitted)
         self.mtp_seconds += time.perf_counter() - started
+        best = mtp_logits.argmax(-1).tolist()
         return [
-            Outcome(tokens, propose(mtp_logits[b], row.params, row.generator), use[b], accepted[b])
+            Outcome(tokens, propose(mtp_logits[b], row.params, row.generator, best[b]), use[b], accepted[b])
             for b, (row, tokens) in enumerate(zip(rows, emitted, strict=True))
         ]
