@@ -13,6 +13,7 @@ from dsv3.tokenizer import (
     ByteTokenizer,
     ChatTemplateError,
     HFTokenizer,
+    copy_tokenizer_files,
     encode_prompt,
     load_tokenizer,
     model_tokenizer,
@@ -83,3 +84,13 @@ def test_a_config_naming_an_unknown_special_token_is_an_error(model_dir) -> None
     (model_dir / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         model_tokenizer(model_dir)
+
+
+def test_an_exported_model_directory_carries_the_training_tokenizer(model_dir, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    written = copy_tokenizer_files(model_dir / "tokenizer.json", export)
+    assert [p.name for p in written] == ["tokenizer.json", "tokenizer_config.json"]
+    served, trained = model_tokenizer(export), load_tokenizer(model_dir / "tokenizer.json")
+    assert served.encode("hello there") == trained.encode("hello there")
+    assert (served.bos_id, served.eos_id, served.chat_template) == (trained.bos_id, trained.eos_id, TEMPLATE)
+    assert copy_tokenizer_files("byte", tmp_path / "bytes") == []

@@ -186,6 +186,26 @@ def model_tokenizer(directory: str | Path | None, require: bool = False) -> Toke
     return HFTokenizer(file, _read_config(config_file) if config_file.is_file() else None)
 
 
+def copy_tokenizer_files(spec: str | Path, directory: str | Path) -> list[Path]:
+    """Put the tokenizer a model was trained with beside it (`tokenizer.json` and, when present, its
+    `tokenizer_config.json`), so serving the directory splits text the same way; bytes need no files."""
+    if str(spec) == "byte":
+        return []
+    source = Path(spec)
+    files = [source / "tokenizer.json", source / "tokenizer_config.json"] if source.is_dir() else [source]
+    if not source.is_dir():
+        files.append(source.with_name("tokenizer_config.json"))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file, name in zip(files, ("tokenizer.json", "tokenizer_config.json"), strict=True):
+        if file.is_file():
+            target = directory / name
+            target.write_bytes(file.read_bytes())
+            written.append(target)
+    return written
+
+
 def token_stream(data: str, tokenizer: Tokenizer, field: str = "text") -> np.ndarray:
     """All tokens of the source: documents encoded and each followed by EOS; shards are memory-mapped."""
     if data.endswith(".tok"):
