@@ -177,3 +177,23 @@ def test_http_usage_reports_accepted_drafts(spec_cluster) -> None:
     metrics = httpx.get(base_url.removesuffix("/v1") + "/metrics").text
     accepted = [line for line in metrics.splitlines() if line.startswith("dsv3_spec_accepted_tokens_total ")]
     assert float(accepted[0].split()[1]) >= details.accepted_prediction_tokens
+
+
+def test_speculation_is_on_by_default_for_mtp_checkpoints_and_flags_turn_it_off(
+    monkeypatch, debug_config
+) -> None:
+    from dsv3.router.config import RouterConfig
+    from dsv3.serving.flags import parse_config
+
+    for name in ("DSV3_SPECULATIVE", "DSV3_HTTP_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    base = ["--model-dir", "m", "--shards", "a:1", "--device", "cpu"]
+    default = parse_config(RouterConfig, base)
+    assert default.speculative is True and default.http_port == 8000
+    assert parse_config(RouterConfig, [*base, "--speculative", "off"]).speculative is False
+    monkeypatch.setenv("DSV3_HTTP_PORT", "8123")
+    monkeypatch.setenv("DSV3_SPECULATIVE", "off")
+    from_env = parse_config(RouterConfig, base)
+    assert (from_env.http_port, from_env.speculative) == (8123, False)
+    without_mtp = DeepSeekV3(debug_config.replace(num_nextn_predict_layers=0)).eval()
+    assert Engine(without_mtp, 2, 16, ThreadPoolExecutor(1), speculative=True).speculator is None
