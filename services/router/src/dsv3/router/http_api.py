@@ -33,7 +33,7 @@ from dsv3.router.openai_protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    _Sampling,
+    SamplingRequest,
     bad_request,
 )
 from dsv3.router.pool import ExpertUnavailable
@@ -115,7 +115,7 @@ class _API:
         self.metrics = metrics
 
     # ---- shared request handling --------------------------------------------------------------
-    def _check_servable(self, body: _Sampling) -> None:
+    def _check_servable(self, body: SamplingRequest) -> None:
         if body.model is not None and body.model != self.served.name:
             raise APIError(
                 404,
@@ -131,7 +131,7 @@ class _API:
 
     def _submit(
         self,
-        body: _Sampling,
+        body: SamplingRequest,
         prompts: list[list[int]],
         prompt_field: str,
         limit: tuple[str, int | None],
@@ -242,7 +242,7 @@ class _API:
 
     async def _respond(
         self,
-        body: _Sampling,
+        body: SamplingRequest,
         choices: list[_Choice],
         started: float,
         kind: str,

@@ -45,7 +45,7 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _Sampling(BaseModel):
+class SamplingRequest(BaseModel):
     """What completions and chat share: sampling, stopping, streaming."""
 
     model_config = ConfigDict(extra="allow")
@@ -92,7 +92,7 @@ class _Sampling(BaseModel):
         return stops
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16  # OpenAI's default for completions
     echo: StrictBool | None = False
@@ -142,7 +142,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: StrictInt | None = None  # absent: the rest of the context
     max_completion_tokens: StrictInt | None = None
