@@ -127,7 +127,10 @@ class ServiceProcess:
             str(self.port),
             *self.args,
         ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # Routers serve HTTP only where a test asks (--http-port: parallel runs would share the default
+        # 8000), and speculate only where a test asks (--speculative on: the placement tests count the
+        # main layers' slots; the MTP block's experts would take shard capacity too).
+        env = {"DSV3_HTTP_PORT": "0", "DSV3_SPECULATIVE": "off", **os.environ, "OMP_NUM_THREADS": "1"}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         if wait:

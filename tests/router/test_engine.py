@@ -68,3 +68,27 @@ def test_top_p_keeps_the_nucleus_only() -> None:
     assert draws == {0, 1}  # 0.5 + 0.3 covers 0.7; the tail is never drawn
     draws = {sample(logits, SamplingParams(1, temperature=1.0, top_k=3), gen) for _ in range(300)}
     assert draws == {0, 1, 2}
+
+
+def test_eos_ends_a_request_unless_ignored(debug_model) -> None:
+    prompt = [5, 6, 7, 8]
+    plain = generate(debug_model, torch.tensor([prompt]), 8)[0, len(prompt) :].tolist()
+    eos = plain[3]  # pretend the 4th greedy token is the tokenizer's EOS
+    cut = plain.index(eos) + 1
+
+    async def main() -> list[tuple[list[int], str | None]]:
+        engine = Engine(debug_model, max_batch=2, max_length=32, executor=ThreadPoolExecutor(1), eos_id=eos)
+        runner = asyncio.create_task(engine.run())
+        stopped = engine.submit(prompt, SamplingParams(8))
+        ignoring = engine.submit(prompt, SamplingParams(8, ignore_eos=True))
+        out = []
+        for request in (stopped, ignoring):
+            events = [e async for e in engine.events(request)]
+            assert [e.last for e in events] == [False] * (len(events) - 1) + [True]
+            out.append(([e.token for e in events], request.finish_reason))
+        runner.cancel()
+        return out
+
+    (a, reason_a), (b, reason_b) = asyncio.run(main())
+    assert (a, reason_a) == (plain[:cut], "stop")
+    assert (b, reason_b) == (plain, "length")

@@ -26,7 +26,7 @@ from dsv3.rpc.v1 import expert_pb2 as dsv3_dot_rpc_dot_v1_dot_expert__pb2
 from dsv3.rpc.v1 import tensor_pb2 as dsv3_dot_rpc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64sv3/rpc/v1/router.proto\x12\x0b\x64sv3.rpc.v1\x1a\x18\x64sv3/rpc/v1/expert.proto\x1a\x18\x64sv3/rpc/v1/tensor.proto\"8\n\x0e\x46orwardRequest\x12&\n\tinput_ids\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"6\n\x0f\x46orwardResponse\x12#\n\x06logits\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"\x96\x01\n\x0fGenerateRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x03\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\x03\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"0\n\x10GenerateResponse\x12\r\n\x05token\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\"\x12\n\x10PlacementRequest\"\x87\x01\n\tShardInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\"\n\x05slots\x18\x04 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x15\n\rcompute_calls\x18\x06 \x01(\x03\"\x91\x01\n\x0fPlacementChange\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bslots_moved\x18\x03 \x01(\x03\x12\x1b\n\x13\x62\x61lancedness_before\x18\x04 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\xd8\x01\n\x11PlacementResponse\x12&\n\x06shards\x18\x01 \x03(\x0b\x32\x16.dsv3.rpc.v1.ShardInfo\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x31\n\x0blast_change\x18\x05 \x01(\x0b\x32\x1c.dsv3.rpc.v1.PlacementChange\x12\x1b\n\x13window_balancedness\x18\x06 \x01(\x01\x12\x12\n\nrebalances\x18\x07 \x01(\x03\"8\n\x10RebalanceRequest\x12\x16\n\ttolerance\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_tolerance\"A\n\x11RebalanceResponse\x12,\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1c.dsv3.rpc.v1.PlacementChange2\xb8\x02\n\rRouterService\x12\x44\n\x07\x46orward\x12\x1b.dsv3.rpc.v1.ForwardRequest\x1a\x1c.dsv3.rpc.v1.ForwardResponse\x12I\n\x08Generate\x12\x1c.dsv3.rpc.v1.GenerateRequest\x1a\x1d.dsv3.rpc.v1.GenerateResponse0\x01\x12J\n\tPlacement\x12\x1d.dsv3.rpc.v1.PlacementRequest\x1a\x1e.dsv3.rpc.v1.PlacementResponse\x12J\n\tRebalance\x12\x1d.dsv3.rpc.v1.RebalanceRequest\x1a\x1e.dsv3.rpc.v1.RebalanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64sv3/rpc/v1/router.proto\x12\x0b\x64sv3.rpc.v1\x1a\x18\x64sv3/rpc/v1/expert.proto\x1a\x18\x64sv3/rpc/v1/tensor.proto\"8\n\x0e\x46orwardRequest\x12&\n\tinput_ids\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"6\n\x0f\x46orwardResponse\x12#\n\x06logits\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"\xaa\x01\n\x0fGenerateRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\x03\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\x03\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\x8a\x01\n\x10GenerateResponse\x12\r\n\x05token\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x06 \x01(\x05\"\x12\n\x10PlacementRequest\"\x87\x01\n\tShardInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\"\n\x05slots\x18\x04 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x15\n\rcompute_calls\x18\x06 \x01(\x03\"\x91\x01\n\x0fPlacementChange\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bslots_moved\x18\x03 \x01(\x03\x12\x1b\n\x13\x62\x61lancedness_before\x18\x04 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\xd8\x01\n\x11PlacementResponse\x12&\n\x06shards\x18\x01 \x03(\x0b\x32\x16.dsv3.rpc.v1.ShardInfo\x12\x14\n\x0c\x62\x61lancedness\x18\x02 \x01(\x01\x12\x10\n\x08replicas\x18\x03 \x01(\x05\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x31\n\x0blast_change\x18\x05 \x01(\x0b\x32\x1c.dsv3.rpc.v1.PlacementChange\x12\x1b\n\x13window_balancedness\x18\x06 \x01(\x01\x12\x12\n\nrebalances\x18\x07 \x01(\x03\"8\n\x10RebalanceRequest\x12\x16\n\ttolerance\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_tolerance\"A\n\x11RebalanceResponse\x12,\n\x06\x63hange\x18\x01 \x01(\x0b\x32\x1c.dsv3.rpc.v1.PlacementChange2\xb8\x02\n\rRouterService\x12\x44\n\x07\x46orward\x12\x1b.dsv3.rpc.v1.ForwardRequest\x1a\x1c.dsv3.rpc.v1.ForwardResponse\x12I\n\x08Generate\x12\x1c.dsv3.rpc.v1.GenerateRequest\x1a\x1d.dsv3.rpc.v1.GenerateResponse0\x01\x12J\n\tPlacement\x12\x1d.dsv3.rpc.v1.PlacementRequest\x1a\x1e.dsv3.rpc.v1.PlacementResponse\x12J\n\tRebalance\x12\x1d.dsv3.rpc.v1.RebalanceRequest\x1a\x1e.dsv3.rpc.v1.RebalanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDRESPONSE']._serialized_start=151
   _globals['_FORWARDRESPONSE']._serialized_end=205
   _globals['_GENERATEREQUEST']._serialized_start=208
-  _globals['_GENERATEREQUEST']._serialized_end=358
-  _globals['_GENERATERESPONSE']._serialized_start=360
-  _globals['_GENERATERESPONSE']._serialized_end=408
-  _globals['_PLACEMENTREQUEST']._serialized_start=410
-  _globals['_PLACEMENTREQUEST']._serialized_end=428
-  _globals['_SHARDINFO']._serialized_start=431
-  _globals['_SHARDINFO']._serialized_end=566
-  _globals['_PLACEMENTCHANGE']._serialized_start=569
-  _globals['_PLACEMENTCHANGE']._serialized_end=714
-  _globals['_PLACEMENTRESPONSE']._serialized_start=717
-  _globals['_PLACEMENTRESPONSE']._serialized_end=933
-  _globals['_REBALANCEREQUEST']._serialized_start=935
-  _globals['_REBALANCEREQUEST']._serialized_end=991
-  _globals['_REBALANCERESPONSE']._serialized_start=993
-  _globals['_REBALANCERESPONSE']._serialized_end=1058
-  _globals['_ROUTERSERVICE']._serialized_start=1061
-  _globals['_ROUTERSERVICE']._serialized_end=1373
+  _globals['_GENERATEREQUEST']._serialized_end=378
+  _globals['_GENERATERESPONSE']._serialized_start=381
+  _globals['_GENERATERESPONSE']._serialized_end=519
+  _globals['_PLACEMENTREQUEST']._serialized_start=521
+  _globals['_PLACEMENTREQUEST']._serialized_end=539
+  _globals['_SHARDINFO']._serialized_start=542
+  _globals['_SHARDINFO']._serialized_end=677
+  _globals['_PLACEMENTCHANGE']._serialized_start=680
+  _globals['_PLACEMENTCHANGE']._serialized_end=825
+  _globals['_PLACEMENTRESPONSE']._serialized_start=828
+  _globals['_PLACEMENTRESPONSE']._serialized_end=1044
+  _globals['_REBALANCEREQUEST']._serialized_start=1046
+  _globals['_REBALANCEREQUEST']._serialized_end=1102
+  _globals['_REBALANCERESPONSE']._serialized_start=1104
+  _globals['_REBALANCERESPONSE']._serialized_end=1169
+  _globals['_ROUTERSERVICE']._serialized_start=1172
+  _globals['_ROUTERSERVICE']._serialized_end=1484
 # @@protoc_insertion_point(module_scope)

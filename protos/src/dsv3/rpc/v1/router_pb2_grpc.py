@@ -67,7 +67,7 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request, context):
-        """New tokens as they are sampled; the stream ends at max_tokens or a stop token.
+        """New tokens as they are sampled; the stream ends at max_tokens, a stop token or EOS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

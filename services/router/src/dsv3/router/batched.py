@@ -6,7 +6,9 @@ The core's `KVCache` keeps one length for the whole batch; a continuous batch ne
 absorbed-projection attention of `MultiHeadLatentAttention.forward_cached` with per-row positions and
 masks, then the layer's MLP (the MoE with the remote experts) on the real tokens only. Prompts of a
 prefill are right-padded: causal masking keeps pads out of every real token, and a pad's cache entry
-lies past its row's length, so it is masked and later overwritten.
+lies past its row's length, so it is masked and later overwritten. The same holds for a rejected
+speculative draft: rolling back is lowering the row's length. `mtp_step` runs the first MTP block on
+a cache layer of its own (after the main layers) for speculative decoding.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import torch
 
 from dsv3.model import DeepSeekV3
 from dsv3.model.attention import MultiHeadLatentAttention
+from dsv3.model.decoder import DecoderLayer
 
 
 class SlotCache:
-    def __init__(self, model: DeepSeekV3, max_batch: int, max_length: int) -> None:
+    def __init__(self, model: DeepSeekV3, max_batch: int, max_length: int, mtp_layers: int = 0) -> None:
+        """`mtp_layers`: cache layers for MTP blocks too (speculative decoding), after the main ones."""
         config = model.config
         weight = model.lm_head.weight
-        layers = config.num_hidden_layers
+        layers = config.num_hidden_layers + mtp_layers
         self.max_length = max_length
         self.latent_LBMC = torch.zeros(
             layers, max_batch, max_length, config.kv_lora_rank, dtype=weight.dtype, device=weight.device
@@ -93,18 +97,19 @@ def _attention(
     return attn.o_proj(out_BTHA.reshape(batch, tokens, attn.num_heads * attn.v_dim))
 
 
-@torch.no_grad()
-def step(model: DeepSeekV3, cache: SlotCache, slots: list[int], token_lists: list[list[int]]) -> torch.Tensor:
-    """Append each sequence's new tokens (a prompt, or one token) to its cache slot; the logits after
-    each sequence's last new token [B, V]."""
-    device = model.lm_head.weight.device
-    batch, tokens = len(slots), max(len(t) for t in token_lists)
-    ids_BT = torch.zeros(batch, tokens, dtype=torch.long, device=device)
-    valid_BT = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
-    for b, ids in enumerate(token_lists):
-        ids_BT[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        valid_BT[b, : len(ids)] = True
-    start_B = torch.tensor([cache.lengths[s] for s in slots], dtype=torch.long, device=device)
+def _run_blocks(
+    model: DeepSeekV3,
+    cache: SlotCache,
+    blocks: list[tuple[int, DecoderLayer]],
+    hidden_BTD: torch.Tensor,
+    valid_BT: torch.Tensor,
+    slots: list[int],
+    starts: list[int],
+) -> torch.Tensor:
+    """Decoder blocks (with their cache layer index) over new tokens at per-row start positions."""
+    device = hidden_BTD.device
+    batch, tokens = valid_BT.shape
+    start_B = torch.tensor(starts, dtype=torch.long, device=device)
     if int((start_B + tokens).max()) > cache.max_length:
         raise ValueError(f"context of {cache.max_length} tokens exceeded")
     pos_BT = start_B[:, None] + torch.arange(tokens, device=device)
@@ -112,8 +117,8 @@ def step(model: DeepSeekV3, cache: SlotCache, slots: list[int], token_lists: lis
     cos, sin = cos.view(batch, tokens, -1), sin.view(batch, tokens, -1)
     keys = int((start_B + tokens).max())
     slots_B = torch.tensor(slots, dtype=torch.long, device=device)
-    hidden = model.model.embed_tokens(ids_BT)
-    for index, layer in enumerate(model.model.layers):
+    hidden = hidden_BTD
+    for index, layer in blocks:
         attn_in = layer.input_layernorm(hidden)
         hidden = hidden + _attention(layer.self_attn, attn_in, cos, sin, cache, index, slots_B, pos_BT, keys)
         normed = layer.post_attention_layernorm(hidden)[valid_BT]  # real tokens only: pads skip the MLP
@@ -122,8 +127,66 @@ def step(model: DeepSeekV3, cache: SlotCache, slots: list[int], token_lists: lis
         update = torch.zeros_like(hidden)
         update[valid_BT] = ffn[0]
         hidden = hidden + update
-    lengths = [len(t) for t in token_lists]
-    for slot, n in zip(slots, lengths, strict=True):
-        cache.lengths[slot] += n
-    last = hidden[torch.arange(batch, device=device), torch.tensor(lengths, device=device) - 1]
-    return model.lm_head(model.model.norm(last))
+    return hidden
+
+
+def _padded(token_lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T] and which of them are real, built in one tensor each."""
+    tokens = max(len(t) for t in token_lists)
+    ids_BT = torch.tensor([[*t, *[0] * (tokens - len(t))] for t in token_lists], dtype=torch.long)
+    valid_BT = torch.tensor([[True] * len(t) + [False] * (tokens - len(t)) for t in token_lists])
+    return ids_BT.to(device), valid_BT.to(device)
+
+
+@torch.no_grad()
+def forward(
+    model: DeepSeekV3, cache: SlotCache, slots: list[int], token_lists: list[list[int]]
+) -> torch.Tensor:
+    """Append each sequence's new tokens to its cache slot; the final-norm hidden states [B, T, D] of
+    every new position (right-padded), which the head and the MTP module read."""
+    device = model.lm_head.weight.device
+    ids_BT, valid_BT = _padded(token_lists, device)
+    starts = [cache.lengths[s] for s in slots]
+    blocks = list(enumerate(model.model.layers))
+    hidden = _run_blocks(model, cache, blocks, model.model.embed_tokens(ids_BT), valid_BT, slots, starts)
+    for slot, ids in zip(slots, token_lists, strict=True):
+        cache.lengths[slot] += len(ids)
+    return model.model.norm(hidden)
+
+
+@torch.no_grad()
+def step(model: DeepSeekV3, cache: SlotCache, slots: list[int], token_lists: list[list[int]]) -> torch.Tensor:
+    """Append each sequence's new tokens (a prompt, or one token) to its cache slot; the logits after
+    each sequence's last new token [B, V]."""
+    hidden = forward(model, cache, slots, token_lists)
+    device = hidden.device
+    lengths = torch.tensor([len(t) for t in token_lists], device=device)
+    last = hidden[torch.arange(len(slots), device=device), lengths - 1]
+    return model.lm_head(last)
+
+
+@torch.no_grad()
+def mtp_step(
+    model: DeepSeekV3,
+    cache: SlotCache,
+    slots: list[int],
+    starts: list[int],
+    hidden_BTD: torch.Tensor,
+    token_lists: list[list[int]],
+) -> torch.Tensor:
+    """The first MTP module over new positions: position i combines the main model's hidden state h_i
+    (`hidden_BTD[b, i - starts[b]]`, right-padded, at least as long as the longest token list) with the
+    embedding of token i+1 (`token_lists[b]`), runs the block on the MTP cache layer (after the main
+    layers) from `starts[b]`, and returns the logits of each row's last position [B, V]: the draft of
+    the token after next."""
+    module = model.mtp[0]
+    device = model.lm_head.weight.device
+    ids_BT, valid_BT = _padded(token_lists, device)
+    h_BTD = hidden_BTD[:, : ids_BT.shape[1]]
+    embeds = module.enorm(model.model.embed_tokens(ids_BT))
+    x_BTD = module.eh_proj(torch.cat((embeds, module.hnorm(h_BTD)), dim=-1))
+    blocks = [(model.config.num_hidden_layers, module.block)]
+    hidden = _run_blocks(model, cache, blocks, x_BTD, valid_BT, slots, starts)
+    lengths = torch.tensor([len(t) for t in token_lists], device=device)
+    last = hidden[torch.arange(len(slots), device=device), lengths - 1]
+    return model.lm_head(module.shared_head_norm(last))

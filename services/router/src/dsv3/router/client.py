@@ -71,6 +71,31 @@ class RouterClient:
         )
         return tensor_codec.decode(reply.logits)
 
+    def replies(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[int] | None = None,
+        seed: int | None = None,
+        timeout: float | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[router_pb2.GenerateResponse]:
+        """Generate's messages as they come (the final one says how it ended and counts the drafts)."""
+        request = router_pb2.GenerateRequest(
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop or [],
+            seed=seed,
+            ignore_eos=ignore_eos,
+        )
+        yield from self.stub.Generate(request, timeout=timeout or self.timeout)
+
     def stream(
         self,
         prompt_ids: list[int],
@@ -81,18 +106,12 @@ class RouterClient:
         stop: list[int] | None = None,
         seed: int | None = None,
         timeout: float | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[int]:
         """The new tokens as the router samples them (the deadline covers the whole stream)."""
-        request = router_pb2.GenerateRequest(
-            prompt_ids=prompt_ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop=stop or [],
-            seed=seed,
-        )
-        for reply in self.stub.Generate(request, timeout=timeout or self.timeout):
+        for reply in self.replies(
+            prompt_ids, max_tokens, temperature, top_p, top_k, stop, seed, timeout, ignore_eos
+        ):
             yield reply.token
 
     def generate(
@@ -105,9 +124,12 @@ class RouterClient:
         stop: list[int] | None = None,
         seed: int | None = None,
         timeout: float | None = None,
+        ignore_eos: bool = False,
     ) -> list[int]:
-        """The new tokens (up to max_tokens, ending at a stop token if one is sampled)."""
-        return list(self.stream(prompt_ids, max_tokens, temperature, top_p, top_k, stop, seed, timeout))
+        """The new tokens (up to max_tokens, ending at a stop token or EOS if one is sampled)."""
+        return list(
+            self.stream(prompt_ids, max_tokens, temperature, top_p, top_k, stop, seed, timeout, ignore_eos)
+        )
 
     def placement(self, timeout: float | None = None) -> router_pb2.PlacementResponse:
         return self.stub.Placement(router_pb2.PlacementRequest(), timeout=timeout or self.timeout)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
     port: int = 50090
     host: str = "0.0.0.0"
+    http_port: int = 8000  # the OpenAI-compatible HTTP API on the same host; 0: none
+    served_model_name: str = ""  # the API's model id; empty: the model directory's name, or the job
+    tokenizer: str = ""  # empty: the model directory's tokenizer.json, else bytes; 'byte'; or a path
     model_dir: str | None = None  # Hugging Face layout (also DeepSeek's FP8 release) ...
     checkpoint: str | None = None  # ... or the checkpoint service's address, with --job [--step]
     job: str | None = None
@@ -23,6 +27,9 @@ class RouterConfig:
     rebalance_tolerance: float = 0.05  # keep slots in place while within this of a fresh plan's balance
     load_window_seconds: float = 60.0  # the expert load a plan follows: this many recent seconds
     device: str = ""  # cpu | cuda; empty: cuda when present
+    speculative: bool = (
+        True  # MTP speculative decoding when the checkpoint has MTP layers (--speculative off)
+    )
     max_batch: int = 64  # sequences decoded together
     max_length: int = 0  # context per sequence (prompt + new tokens); 0: min(max_position_embeddings, 4096)
     shard_timeout_seconds: float = 10.0  # deadline of one Compute call
@@ -56,6 +63,8 @@ class RouterConfig:
             raise ValueError(f"rebalance_tolerance must be in [0, 10), got {self.rebalance_tolerance}")
         if self.load_window_seconds <= 0:
             raise ValueError(f"load_window_seconds must be > 0, got {self.load_window_seconds}")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.max_batch < 1 or self.max_length < 0:
             raise ValueError("max_batch must be >= 1 and max_length >= 0")
         for name in (
@@ -71,6 +80,14 @@ class RouterConfig:
             import torch
 
             object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model_dir is not None:
+            return Path(self.model_dir).resolve().name
+        return str(self.job)
 
     @property
     def static_shards(self) -> list[str]:

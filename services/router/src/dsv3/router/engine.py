@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from concurrent.futures import Executor
 
 import torch
@@ -29,6 +30,7 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[int, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past the tokenizer's EOS (vLLM's flag; benchmarks use it)
 
 
 class RequestError(ValueError):
@@ -42,6 +44,14 @@ class RequestError(ValueError):
 _DONE = object()
 
 
+@dataclasses.dataclass(frozen=True)
+class Emitted:
+    """One new token as the engine hands it out; `last` marks the request's final token."""
+
+    token: int
+    last: bool
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     prompt: list[int]
@@ -51,6 +61,10 @@ class Request:
     slot: int = -1
     cancelled: bool = False
     generator: torch.Generator | None = None
+    draft: object = None  # speculative.Draft: the MTP's guess of the token after generated[-1]
+    finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length", once finished
+    drafted: int = 0  # MTP draft tokens the main model verified for this request
+    accepted: int = 0  # ... and accepted
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -59,10 +73,23 @@ class Request:
 
 def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0; else temperature, then top-k, then top-p (nucleus), then a draw."""
-    logits = logits_V.float().cpu()
     if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+        return int(logits_V.float().cpu().argmax())
+    return int(torch.multinomial(probabilities(logits_V, params), 1, generator=generator))
+
+
+def sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """`sample` for each row; the greedy rows through one argmax for the whole batch."""
+    greedy = logits_BV.argmax(-1).tolist() if any(p.temperature == 0 for p in params) else []
+    return [
+        greedy[b] if p.temperature == 0 else sample(logits_BV[b], p, generators[b])
+        for b, p in enumerate(params)
+    ]
+
+
+def probabilities(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a draw at temperature > 0 follows (float32, CPU): temperature, top-k, top-p."""
+    logits = logits_V.float().cpu() / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -72,20 +99,40 @@ def sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Gene
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each
         sorted_probs[before >= params.top_p] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
 
 
 class Engine:
-    def __init__(self, model: DeepSeekV3, max_batch: int, max_length: int, executor: Executor) -> None:
+    def __init__(
+        self,
+        model: DeepSeekV3,
+        max_batch: int,
+        max_length: int,
+        executor: Executor,
+        eos_id: int | None = None,
+        speculative: bool = False,
+    ) -> None:
+        """`eos_id`: the tokenizer's end of sequence; sampling it ends a request unless `ignore_eos`.
+        `speculative`: decode with MTP drafts (`speculative.py`) when the model has MTP layers."""
         self.model = model
+        self.eos_id = eos_id
         self.max_length = max_length
         self.vocab = model.config.vocab_size
-        self.cache = SlotCache(model, max_batch, max_length)
+        mtp = speculative and len(model.mtp) > 0
+        self.cache = SlotCache(model, max_batch, max_length, mtp_layers=1 if mtp else 0)
+        self.speculator = None
+        if mtp:
+            from dsv3.router.speculative import Speculator  # it imports this module's sampling
+
+            self.speculator = Speculator(model, self.cache)
         self.executor = executor
         self.waiting: list[Request] = []
         self.active: list[Request] = []
         self.wake = asyncio.Event()
         self.steps = 0  # decode forwards run (one per step, whatever the batch)
+        self.drafted = 0  # MTP drafts verified, over every request (speculative decoding)
+        self.accepted = 0
+        self.decode_seconds = 0.0  # model-thread time of the decode steps (with their MTP drafts)
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -118,8 +165,13 @@ class Engine:
     def _emit(self, request: Request, token: int) -> bool:
         """Hand the token out; True when the request is finished."""
         request.generated.append(token)
-        request.queue.put_nowait(token)
-        done = len(request.generated) >= request.params.max_tokens or token in request.params.stop
+        params = request.params
+        if token in params.stop or (token == self.eos_id and not params.ignore_eos):
+            request.finish_reason = "stop"
+        elif len(request.generated) >= params.max_tokens:
+            request.finish_reason = "length"
+        done = request.finish_reason is not None
+        request.queue.put_nowait(Emitted(token, done))
         if done:
             request.queue.put_nowait(_DONE)
         return done
@@ -137,7 +189,7 @@ class Engine:
             self._finish(request)
 
     def _sample_all(self, logits_BV: torch.Tensor, requests: list[Request]) -> list[int]:
-        return [sample(logits_BV[b], r.params, r.generator) for b, r in enumerate(requests)]
+        return sample_rows(logits_BV, [r.params for r in requests], [r.generator for r in requests])
 
     async def _run_step(self, requests: list[Request], token_lists: list[list[int]]) -> list[int]:
         def work() -> list[int]:
@@ -145,6 +197,64 @@ class Engine:
             return self._sample_all(logits, requests)
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    async def _prefill(self, requests: list[Request]) -> list[int]:
+        """Every joining prompt's first token (and, speculating, its first draft)."""
+        if self.speculator is None:
+            return await self._run_step(requests, [r.prompt for r in requests])
+        speculator = self.speculator
+
+        def work() -> list[int]:
+            out = speculator.prefill(
+                [r.slot for r in requests],
+                [r.prompt for r in requests],
+                [r.params for r in requests],
+                [r.generator for r in requests],
+            )
+            for request, (_, draft) in zip(requests, out, strict=True):
+                request.draft = draft
+            return [token for token, _ in out]
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+    async def _decode(self, requests: list[Request]) -> list[list[int]]:
+        """The tokens each request gains this step: one, or with an accepted draft two."""
+        started = time.perf_counter()
+        try:
+            return await self._decode_tokens(requests)
+        finally:
+            self.decode_seconds += time.perf_counter() - started
+
+    async def _decode_tokens(self, requests: list[Request]) -> list[list[int]]:
+        if self.speculator is None:
+            tokens = await self._run_step(requests, [[r.generated[-1]] for r in requests])
+            return [[t] for t in tokens]
+        from dsv3.router.speculative import Row
+
+        speculator = self.speculator
+        rows = [
+            Row(
+                r.slot,
+                r.params,
+                r.generator,
+                r.generated[-1],
+                r.draft,
+                r.params.max_tokens - len(r.generated),
+            )
+            for r in requests
+        ]
+
+        def work():
+            return speculator.decode(rows)
+
+        outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        for request, outcome in zip(requests, outcomes, strict=True):
+            request.draft = outcome.draft
+            request.drafted += outcome.drafted
+            request.accepted += outcome.accepted
+            self.drafted += outcome.drafted
+            self.accepted += outcome.accepted
+        return [o.tokens for o in outcomes]
 
     async def run(self) -> None:
         while True:
@@ -161,7 +271,7 @@ class Engine:
                 for request in joining:
                     request.slot = self.cache.take()
                 try:
-                    tokens = await self._run_step(joining, [r.prompt for r in joining])
+                    tokens = await self._prefill(joining)
                 except Exception as exc:
                     log.warning("prefill failed: %s", exc)
                     self._fail(joining, exc)
@@ -175,19 +285,21 @@ class Engine:
             if not decoding:
                 continue
             try:
-                tokens = await self._run_step(decoding, [[r.generated[-1]] for r in decoding])
+                gained = await self._decode(decoding)
             except Exception as exc:
                 log.warning("decode step failed: %s", exc)
                 self._fail(decoding, exc)
                 continue
             self.steps += 1
-            for request, token in zip(decoding, tokens, strict=True):
-                if self._emit(request, token):
-                    self._finish(request)
+            for request, tokens in zip(decoding, gained, strict=True):
+                for token in tokens:
+                    if self._emit(request, token):
+                        self._finish(request)
+                        break
 
     @staticmethod
-    async def tokens(request: Request):
-        """The request's tokens as they come; raises what failed it."""
+    async def events(request: Request):
+        """The request's `Emitted` tokens as they come; raises what failed it."""
         while True:
             item = await request.queue.get()
             if item is _DONE:
@@ -195,3 +307,9 @@ class Engine:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    @staticmethod
+    async def tokens(request: Request):
+        """The request's token ids as they come; raises what failed it."""
+        async for item in Engine.events(request):
+            yield item.token

@@ -252,19 +252,3 @@ class Placer:
             log.warning("shard %s: dropping %d slots failed: %s", shard.address, len(slots), exc.details())
 
     # ---- reporting ------------------------------------------------------------------------------------
-    def metrics_text(self) -> str:
-        """The placement as Prometheus text-format gauges (for the router's /metrics)."""
-        last = self.last or self._unchanged("none")
-        lines = [
-            "# TYPE dsv3_placement_version gauge",
-            f"dsv3_placement_version {self.version}",
-            "# TYPE dsv3_placement_changes_total counter",
-            f"dsv3_placement_changes_total {self.changes}",
-            "# TYPE dsv3_placement_slots_moved gauge",
-            f"dsv3_placement_slots_moved {last.slots_moved}",
-            "# TYPE dsv3_placement_balancedness gauge",
-            f'dsv3_placement_balancedness{{when="before"}} {last.balancedness_before:.6f}',
-            f'dsv3_placement_balancedness{{when="after"}} {last.balancedness_after:.6f}',
-            f'dsv3_placement_balancedness{{when="now"}} {self.window_balancedness():.6f}',
-        ]
-        return "\n".join(lines) + "\n"

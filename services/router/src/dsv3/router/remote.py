@@ -75,7 +75,8 @@ def detach_experts(model: nn.Module) -> list[tuple[int, MoE]]:
     """Replace every main-layer MoE's experts by `RemoteExperts` (unattached); returns (layer, MoE) pairs.
 
     Works on a model built on the meta device, before it is materialised: the routed experts' memory is
-    never allocated. MTP blocks keep no experts either (the router does not run them).
+    never allocated. MTP blocks' experts become remote too, under their release layer index
+    (num_hidden_layers + k - 1); `mtp_layers` lists them for speculative decoding.
     """
     layers: list[tuple[int, MoE]] = []
     for index, decoder in enumerate(model.model.layers):
@@ -84,10 +85,21 @@ def detach_experts(model: nn.Module) -> list[tuple[int, MoE]]:
             decoder.mlp.experts = RemoteExperts(index, num, None, None)
             decoder.mlp.dispatcher = RemoteDispatcher(num)
             layers.append((index, decoder.mlp))
-    for module in model.mtp:
-        if isinstance(module.block.mlp, MoE):
-            module.block.mlp.experts = RemoteExperts(-1, module.block.mlp.experts.num_experts, None, None)
+    for index, (_, moe) in enumerate(mtp_layers(model), start=len(model.model.layers)):
+        num = moe.experts.num_experts
+        moe.experts = RemoteExperts(index, num, None, None)
+        moe.dispatcher = RemoteDispatcher(num)
     return layers
+
+
+def mtp_layers(model: nn.Module) -> list[tuple[int, MoE]]:
+    """The MTP blocks' MoE layers as (release layer index, MoE): what the shards hold for speculation."""
+    first = len(model.model.layers)
+    return [
+        (first + k, module.block.mlp)
+        for k, module in enumerate(model.mtp)
+        if isinstance(module.block.mlp, MoE)
+    ]
 
 
 def attach(layers: list[tuple[int, MoE]], pool: ShardPool, loop: asyncio.AbstractEventLoop) -> None:

@@ -5,6 +5,8 @@ expert (`--replicas` copies where slots allow) and have the shards load them, th
 keeps running: shards that appear join (and get slots), ones that vanish from DNS or the registry leave.
 Placement follows the observed expert load (`dsv3.router.rebalance`): on every change of the shard set,
 every --rebalance-interval seconds, and on a `Rebalance` call, applied without stopping the engine.
+The OpenAI-compatible HTTP API (`http_api`, `--http-port`) runs in the same event loop from the start
+(its /health says 503 until the shards are ready) and feeds the same engine.
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from dsv3.model import ModelConfig
 from dsv3.router.config import RouterConfig
 from dsv3.router.dense import load_from_checkpoint, load_from_directory
 from dsv3.router.engine import Engine, RequestError, SamplingParams
+from dsv3.router.http_api import ServedModel, create_app, start_http
 from dsv3.router.load_window import LoadWindow, run_sampling
+from dsv3.router.metrics import RouterMetrics
 from dsv3.router.placement import balancedness
 from dsv3.router.pool import ExpertUnavailable, LoadSpec, ShardPool
-from dsv3.router.remote import attach
+from dsv3.router.remote import attach, mtp_layers
 from dsv3.rpc.v1 import expert_pb2, router_pb2, router_pb2_grpc
 from dsv3.serving import registry, tensor_codec
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
+from dsv3.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "dsv3.rpc.v1.RouterService"
@@ -89,6 +94,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             top_k=request.top_k,
             stop=tuple(request.stop),
             seed=request.seed if request.HasField("seed") else None,
+            ignore_eos=request.ignore_eos,
         )
         try:
             job = self.engine.submit(list(request.prompt_ids), params)
@@ -96,8 +102,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         index = 0
         try:
-            async for token in self.engine.tokens(job):
-                yield router_pb2.GenerateResponse(token=token, index=index)
+            async for event in self.engine.events(job):
+                reply = router_pb2.GenerateResponse(token=event.token, index=index)
+                if event.last:  # the final message carries how the request ended and its drafts
+                    reply.last = True
+                    reply.finish_reason = job.finish_reason or ""
+                    reply.draft_tokens = job.drafted
+                    reply.accepted_draft_tokens = job.accepted
+                yield reply
                 index += 1
         except Exception as exc:
             await self._abort_for(context, exc)
@@ -197,11 +209,25 @@ def _load_model(config: RouterConfig):
     return load_from_checkpoint(config.checkpoint, config.job, step, model_config, config.device)
 
 
+def _load_tokenizer(config: RouterConfig, vocab_size: int) -> Tokenizer:
+    tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else model_tokenizer(config.model_dir)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer: vocabulary of {tokenizer.vocab_size} does not fit the model's "
+            f"vocab_size {vocab_size}"
+        )
+    return tokenizer
+
+
 async def serve(config: RouterConfig) -> None:
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     loop = asyncio.get_running_loop()
     model, layers = await loop.run_in_executor(executor, _load_model, config)
     mc = model.config
+    tokenizer = _load_tokenizer(config, mc.vocab_size)
+    speculative = config.speculative and len(model.mtp) > 0
+    if speculative:  # the MTP block's routed experts live on the shards too
+        layers = layers + mtp_layers(model)
     step = None if config.step < 0 else config.step
     if config.checkpoint is not None and step is None:
         from dsv3.checkpoint import CheckpointClient
@@ -235,7 +261,10 @@ async def serve(config: RouterConfig) -> None:
     pool.placer.between_steps = between_steps
     attach(layers, pool, loop)
     max_length = config.max_length or min(mc.max_position_embeddings, 4096)
-    engine = Engine(model, config.max_batch, max_length, executor)
+    engine = Engine(
+        model, config.max_batch, max_length, executor, eos_id=tokenizer.eos_id, speculative=speculative
+    )
+    log.info("speculative decoding (MTP drafts): %s", "on" if speculative else "off")
     servicer = RouterServicer(engine, pool, executor)
     server = ServiceServer(
         [SERVICE_NAME],
@@ -245,6 +274,25 @@ async def serve(config: RouterConfig) -> None:
         max_message_bytes=config.max_message_bytes,
     )
     tasks: list[asyncio.Task] = []
+    started = asyncio.Event()
+
+    def unavailable() -> str | None:
+        """Why the HTTP API cannot serve now (503), or None."""
+        if not started.is_set():
+            return "the router is starting"
+        live = [s for s in pool.shards.values() if s.live]
+        if not live:
+            return "no live expert shard"
+        uncovered = sum(not any(slot in s.held for s in live) for slot in slots)
+        return f"{uncovered} experts have no live replica" if uncovered else None
+
+    http = None
+    if config.http_port:
+        served = ServedModel(config.model_name, engine, tokenizer, unavailable)
+        http, http_task = await start_http(
+            create_app(served, RouterMetrics(engine, pool.placer)), config.host, config.http_port
+        )
+        log.info("HTTP API (OpenAI-compatible) on port %d, model %r", config.http_port, served.name)
 
     async def ready() -> None:
         deadline = loop.time() + config.startup_timeout_seconds
@@ -266,10 +314,15 @@ async def serve(config: RouterConfig) -> None:
         tasks.append(asyncio.create_task(run_sampling(window)))
         if config.rebalance_interval > 0:
             tasks.append(asyncio.create_task(pool.placer.run_every(config.rebalance_interval)))
+        started.set()
 
     try:
         await serve_forever(server, ready, config.grace_seconds)
     finally:
+        if http is not None:
+            http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(http_task, config.grace_seconds + 1)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

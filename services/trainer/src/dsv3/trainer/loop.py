@@ -28,7 +28,7 @@ from dsv3.model.loss import language_model_loss
 from dsv3.model.parallel import parallelize_experts
 from dsv3.model.recompute import apply_activation_checkpointing
 from dsv3.serving import telemetry
-from dsv3.tokenizer import load_tokenizer
+from dsv3.tokenizer import copy_tokenizer_files, load_tokenizer
 from dsv3.trainer.anomaly import Action, AnomalyDetector, Thresholds, agree
 from dsv3.trainer.config import Layout, SettingsError, TrainConfig
 from dsv3.trainer.data import PackedSequences, token_stream
@@ -353,7 +353,8 @@ def _train(
     if config.export:
         if board is not None:
             board.update(state=State.TRAINER_STATE_EXPORTING)
-        export_model(model, groups, config.export)
+        if export_model(model, groups, config.export) is not None:
+            copy_tokenizer_files(config.tokenizer, config.export)  # serving reads them from the directory
     if board is not None:
         board.update(state=State.TRAINER_STATE_COMPLETED)
     if metrics is not None:
