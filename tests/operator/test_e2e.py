@@ -277,7 +277,7 @@ def test_serving_job_scales_with_kubectl_scale(cluster: Cluster) -> None:
         and scale["status"]["selector"] == "dsv3.dev/job=debug-serve,app.kubernetes.io/component=expert-shard"
     )
     header, row = cluster.kubectl("get", "dssj").splitlines()[:2]
-    assert header.split() == ["NAME", "STATE", "SHARDS", "READY", "ENDPOINT", "AGE"]
+    assert header.split() == ["NAME", "STATE", "SHARDS", "READY", "PLACEMENT", "BALANCE", "ENDPOINT", "AGE"]
     assert row.split()[:3] == ["debug-serve", "Progressing", "5"]
     assert "http://debug-serve-router.default.svc.cluster.local:8080" in row
 

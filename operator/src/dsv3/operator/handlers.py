@@ -28,6 +28,7 @@ from dsv3.operator.render import (
     shard_selector,
     worker_address,
 )
+from dsv3.operator.router_status import read_placement
 from dsv3.operator.spec import GROUP, VERSION, SpecError, check_name, parse_serving, parse_training
 from dsv3.operator.trainer_status import TrainerStatus, read_trainer_status
 
@@ -220,13 +221,26 @@ def reconcile_serving(kube: Kube, body: Mapping[str, Any], patch: kopf.Patch, cf
         conds = cond.set_state(conds, "Degraded", "ShardsNotReady", msg, now, generation, exclusive=moving)
     else:
         conds = cond.set_state(conds, "Progressing", "Rollout", msg, now, generation, exclusive=moving)
+    endpoints = serving_endpoints(owner, spec, cfg)
     new = {
         "observedGeneration": generation,
         "conditions": conds,
         "shards": {"replicas": replicas, "ready": ready, "selector": shard_selector(owner.name)},
-        "endpoint": serving_endpoints(owner, spec, cfg),
+        "endpoint": endpoints,
     }
+    if routers:
+        _read_placement(endpoints["grpc"], cfg, new)
     _patch_status(patch, status, new)
+
+
+def _read_placement(router: str, cfg: OperatorConfig, new: dict[str, Any]) -> None:
+    """The router's placement version, balancedness, live shards and rebalances into `new` (a status)."""
+    placement = read_placement(router, cfg.status_timeout_seconds)
+    if placement is not None:
+        new["placementVersion"] = placement.version
+        new["balancedness"] = placement.balancedness
+        new["shards"]["live"] = placement.live_shards
+        new["rebalances"] = placement.rebalances
 
 
 @kopf.on.resume(*SERVING)
