@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="the whole platform as local processes: train, checkpoint, serve, query")
     up.add_argument("--steps", type=int, default=300, help="training steps")
     up.add_argument("--model", default="debug", help="flavour name or config.json")
-    up.add_argument("--shards", type=int, default=2, help="expert-shard processes")
+    up.add_argument("--shards", type=int, default=3, help="expert-shard processes")
     up.add_argument("--port-base", type=int, default=50100, help="first of the ports the services use")
     up.add_argument("--output-dir", default="runs/up")
     up.add_argument("--serve", action="store_true", help="keep serving after the summary, until Ctrl-C")

@@ -33,6 +33,7 @@ def _port_base(span: int = 16) -> int:
         try:
             for port in range(base, base + span):
                 with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sock.bind(("127.0.0.1", port))
         except OSError:
             continue
@@ -87,6 +88,9 @@ def test_up_trains_serves_summarises_and_a_second_run_reuses_it(tmp_path: Path) 
     assert training and int(training[3]) == STEPS and float(training[2]) < float(training[1]), stdout
     served = re.search(r"serving\s+(\d+) tokens in [\d.]+ s \(([\d.]+) tokens/s\)", stdout)
     assert served and int(served[1]) == 64 and float(served[2]) > 0, stdout
+    drafts = re.search(r"drafts\s+MTP speculative decoding: (\d+) of (\d+) drafts accepted", stdout)
+    assert drafts and 0 <= int(drafts[1]) <= int(drafts[2]) and int(drafts[2]) > 0, stdout
+    assert re.search(r"balance\s+(rebalanced to placement v\d+|placement v\d+ kept)", stdout), stdout
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "train" / "hf" / "config.json").exists()
     records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -127,7 +131,7 @@ def test_killing_dsv3_up_itself_leaves_no_process(tmp_path: Path) -> None:
     [
         (["--shards", "0"], "--shards must be >= 1, got 0"),
         (["--steps", "-3"], "--steps must be >= 1, got -3"),
-        (["--port-base", "80"], "--port-base must be in [1024, 65523], got 80"),
+        (["--port-base", "80"], "--port-base must be in [1024, 65522], got 80"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(tmp_path: Path, flags: list, message: str, capsys) -> None:

@@ -75,22 +75,37 @@ class TrainingProgress:
             say(f"  step {last['step']}/{self.total}  loss {last['loss']:.4f}  {rate:,.0f} tokens/s")
 
 
+Loads = dict[str, dict[tuple[int, int], int]]  # shard -> (layer, expert) -> rows computed
+
+
+def _per_shard(loads: Loads) -> dict[str, int]:
+    return {shard: sum(slots.values()) for shard, slots in loads.items()}
+
+
+def _balance(loads: Loads) -> float | None:
+    """max / mean rows per shard (1.0 = perfect)."""
+    totals = list(_per_shard(loads).values())
+    mean = sum(totals) / len(totals) if totals else 0
+    return max(totals) / mean if mean > 0 else None
+
+
+def _layer_by_shard(loads: Loads) -> tuple[list[int], list[str], list[list[int]]]:
+    layers = sorted({layer for slots in loads.values() for layer, _ in slots})
+    shards = sorted(loads)
+    grid = [[sum(n for (lay, _), n in loads[s].items() if lay == layer) for s in shards] for layer in layers]
+    return layers, shards, grid
+
+
 @dataclasses.dataclass
 class Summary:
     settings: UpSettings
     train_dir: Path
     addresses: dict[str, str]
     completion: Completion
-    loads: dict[tuple[int, int], int]
+    before: Loads  # the shards' load before the rebalance ...
+    after: Loads  # ... and after it, for the same prompts
+    change: Any  # router_pb2.PlacementChange of the rebalance
     elapsed: float
-
-    def _balance(self) -> float | None:
-        """max / mean rows per expert over the MoE layers that ran (1.0 = perfect)."""
-        if not self.loads:
-            return None
-        values = list(self.loads.values())
-        mean = sum(values) / len(values)
-        return max(values) / mean if mean > 0 else None
 
     def print(self) -> None:
         records = read_metrics(self.train_dir / "metrics.jsonl")
@@ -105,29 +120,43 @@ class Summary:
         c = self.completion
         say(f"  serving    {c.tokens} tokens in {c.seconds:.2f} s ({c.tokens_per_s:.1f} tokens/s) through "
             f"the router and {self.settings.shards} expert shards")  # fmt: skip
-        balance = self._balance()
-        if balance is not None:
-            say(f"  balance    expert load max/mean {balance:.2f} over {len(self.loads)} (layer, expert)s")
+        if c.acceptance is not None:
+            drafted = c.accepted_drafts + c.rejected_drafts
+            say(f"  drafts     MTP speculative decoding: {c.accepted_drafts} of {drafted} drafts accepted "
+                f"({c.acceptance:.0%})")  # fmt: skip
+        ch = self.change
+        planned = f"planned shard load max/mean {ch.balancedness_before:.3f} -> {ch.balancedness_after:.3f}"
+        if ch.slots_moved:
+            say(f"  balance    rebalanced to placement v{ch.version}: {ch.slots_moved} slots moved in "
+                f"{ch.seconds:.2f} s while serving; {planned}")  # fmt: skip
+        else:
+            say(f"  balance    placement v{ch.version} kept: no plan within tolerance moves load ({planned})")
+        before, after = _balance(self.before), _balance(self.after)
+        if before is not None and after is not None:
+            say(f"             measured on the same prompts: {before:.3f} before -> {after:.3f} after")
         say(f"  completion {c.prompt!r} -> {c.text[:160]!r}")
         say(f"  artefacts  {out}/train (metrics.jsonl, hf/), {out}/checkpoints, {out}/logs, {out}/report.png")
-        router = self.addresses["router"]
+        http = self.addresses["http"]
         say("  query it   (with --serve, while it runs):")
-        request = '{"prompt_ids": [100, 101, 102, 32], "max_tokens": 32}'
-        say(f"             grpcurl -plaintext -d '{request}' {router} dsv3.rpc.v1.RouterService/Generate")
+        body = '{"model": "dsv3-up", "prompt": "def ", "max_tokens": 32}'
+        say(f"             curl {http}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
+        say(f"             python -c \"import openai; c = openai.OpenAI(base_url='{http}/v1', api_key='-'); "
+            "print(c.completions.create(model='dsv3-up', prompt='def ', max_tokens=32)"
+            ".choices[0].text)\"")  # fmt: skip
         say(
             "  further    --model 16b (a config.json) on a GPU box; on Kubernetes: helm install dsv3 "
             "charts/dsv3, then kubectl apply -f charts/dsv3/examples/"
         )
 
     def write_report(self, path: Path) -> None:
-        """Loss curves and the per-layer expert-load heatmap, as a PNG next to the artefacts."""
+        """Loss curves and the per-layer load of each shard before and after the rebalance, as a PNG."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         records = read_metrics(self.train_dir / "metrics.jsonl")
-        fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_loss, ax_before, ax_after) = plt.subplots(1, 3, figsize=(15, 4))
         steps = [r["step"] for r in records]
         ax_loss.plot(steps, [r["loss"] for r in records], label="next-token loss")
         mtp = [(r["step"], r["mtp"]) for r in records if r.get("mtp") is not None]
@@ -135,14 +164,20 @@ class Summary:
             ax_loss.plot(*zip(*mtp, strict=True), label="MTP loss")
         ax_loss.set(xlabel="step", ylabel="loss", title="training")
         ax_loss.legend()
-        layers = sorted({layer for layer, _ in self.loads})
-        experts = 1 + max((expert for _, expert in self.loads), default=0)
-        grid = [[self.loads.get((layer, e), 0) for e in range(experts)] for layer in layers]
-        if grid:
-            image = ax_load.imshow(grid, aspect="auto", cmap="viridis")
-            fig.colorbar(image, ax=ax_load, label="rows computed")
-            ax_load.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        ax_load.set(xlabel="routed expert", ylabel="layer", title="expert load while serving")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        top = max([n for g in (self.before, self.after) for row in _layer_by_shard(g)[2] for n in row] or [1])
+        for ax, loads, when in ((ax_before, self.before, "before"), (ax_after, self.after, "after")):
+            layers, shards, grid = _layer_by_shard(loads)
+            if grid:
+                image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+                ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+                ax.set_xticks(range(len(shards)), shards, rotation=20, fontsize=8)
+            balance = _balance(loads)
+            title = f"rows per shard and layer, {when} rebalancing"
+            ax.set(
+                xlabel="expert shard",
+                ylabel="layer",
+                title=title + (f"\n(max/mean {balance:.2f})" if balance else ""),
+            )
+        fig.colorbar(image, ax=[ax_before, ax_after], label="rows computed per layer and shard")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)

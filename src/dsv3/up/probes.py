@@ -6,13 +6,14 @@ Only the `dsv3-rpc` stubs are used (the core's own dependency), never a service'
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
-from dsv3.tokenizer import ByteTokenizer
 from dsv3.up.children import Children
 
 
@@ -44,34 +45,63 @@ class Completion:
     text: str
     tokens: int
     seconds: float
+    accepted_drafts: int = 0  # MTP draft tokens the main model accepted (speculative decoding)
+    rejected_drafts: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        drafted = self.accepted_drafts + self.rejected_drafts
+        return self.accepted_drafts / drafted if drafted else None
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate_text(router: str, prompt: str, max_tokens: int, seed: int = 0) -> Completion:
-    """Sample `max_tokens` byte tokens after `prompt` through the router's streaming `Generate`."""
-    tokenizer = ByteTokenizer()
-    request = router_pb2.GenerateRequest(
-        prompt_ids=tokenizer.encode(prompt), max_tokens=max_tokens, temperature=0.8, top_k=20, seed=seed
+def complete_http(http: str, model: str, prompt: str, max_tokens: int, seed: int = 0) -> Completion:
+    """One `POST /v1/completions` to the router's OpenAI-compatible API (what a user's client sends)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed}
+    request = urllib.request.Request(
+        f"{http}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with grpc.insecure_channel(router) as channel:
-        start = time.perf_counter()
-        tokens = [r.token for r in router_pb2_grpc.RouterServiceStub(channel).Generate(request, timeout=300)]
-        seconds = time.perf_counter() - start
-    return Completion(prompt, tokenizer.decode(tokens), len(tokens), seconds)
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=300) as response:
+        answer = json.load(response)
+    seconds = time.perf_counter() - start
+    usage = answer["usage"]
+    details = usage.get("completion_tokens_details") or {}
+    return Completion(
+        prompt,
+        answer["choices"][0]["text"],
+        usage["completion_tokens"],
+        seconds,
+        int(details.get("accepted_prediction_tokens") or 0),
+        int(details.get("rejected_prediction_tokens") or 0),
+    )
 
 
-def expert_loads(shards: list[str]) -> dict[tuple[int, int], int]:
-    """Rows each (layer, expert) computed on all shards since their previous Status call."""
-    loads: dict[tuple[int, int], int] = {}
-    for address in shards:
+def models(http: str) -> list[str]:
+    with urllib.request.urlopen(f"{http}/v1/models", timeout=30) as response:
+        return [m["id"] for m in json.load(response)["data"]]
+
+
+def shard_loads(shards: dict[str, str]) -> dict[str, dict[tuple[int, int], int]]:
+    """Per shard name: rows each (layer, expert) slot computed since the previous Status call."""
+    loads: dict[str, dict[tuple[int, int], int]] = {}
+    for name, address in shards.items():
         with grpc.insecure_channel(address) as channel:
             status = expert_pb2_grpc.ExpertShardServiceStub(channel).Status(
                 expert_pb2.ShardStatusRequest(), timeout=10
             )
-        for slot in status.slots:
-            key = (slot.slot.layer, slot.slot.expert)
-            loads[key] = loads.get(key, 0) + slot.tokens
+        loads[name] = {(slot.slot.layer, slot.slot.expert): slot.tokens for slot in status.slots}
     return loads
+
+
+def rebalance(router: str) -> router_pb2.PlacementChange:
+    """Ask the router to re-plan from the load it observed and apply it while serving."""
+    with grpc.insecure_channel(router) as channel:
+        return (
+            router_pb2_grpc.RouterServiceStub(channel)
+            .Rebalance(router_pb2.RebalanceRequest(), timeout=300)
+            .change
+        )

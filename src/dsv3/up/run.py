@@ -4,8 +4,10 @@
 2. the trainer under torchrun (2 processes, expert parallel 2, MTP on), checkpointing into it; a second
    run resumes the same job (and is done at once when the first one finished);
 3. expert shards and the router, loaded from the last committed checkpoint with redundant replicas;
-4. a prompt completed through the router; per-shard and per-(layer, expert) load read back;
-5. a summary (and `report.png`) of what happened and how to use what is still running (`--serve`).
+4. prompts completed through the router's OpenAI-compatible HTTP API, with MTP speculative decoding;
+5. a rebalance of the experts from the load the router observed, applied while serving, and the same
+   prompts again: the shards' load before and after;
+6. a summary (and `report.png`) of what happened and how to use what is still running (`--serve`).
 
 The services are started by name (`children.py`): any that dies stops the run with a message naming it.
 """
@@ -19,20 +21,31 @@ import socket
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dsv3.up import console
 from dsv3.up.children import Children
-from dsv3.up.probes import ServiceProbe, expert_loads, generate_text
+from dsv3.up.probes import Completion, ServiceProbe, complete_http, rebalance, shard_loads
 
 JOB = "up"
+MODEL_NAME = "dsv3-up"
+REDUNDANT_EXPERTS = 4  # spare slots per MoE layer the planner gives to the busiest experts
+PROMPTS = [
+    "def ",
+    "import os\n",
+    "class Tree:\n    def __init__(self",
+    "for i in range(",
+    "# Copyright",
+    "return ",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class UpSettings:
     steps: int = 300
     model: str = "debug"
-    shards: int = 2
+    shards: int = 3  # every expert on 2 of them, plus spare slots for the hot ones: a rebalance can help
     port_base: int = 50100
     output_dir: Path = Path("runs/up")
     serve: bool = False
@@ -58,6 +71,7 @@ class UpSettings:
             "checkpoint": self.port_base,
             "trainer-status": self.port_base + 1,
             "router": self.port_base + 2,
+            "router-http": self.port_base + 3,
         }
         ports.update({f"expert-shard-{i}": self.port_base + 10 + i for i in range(self.shards)})
         return ports
@@ -66,6 +80,7 @@ class UpSettings:
 def _check_ports_free(settings: UpSettings) -> None:
     for name, port in settings.ports.items():
         with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is fine
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
@@ -109,6 +124,8 @@ def _serve(settings: UpSettings, children: Children, checkpoint: str) -> dict[st
         "dsv3.router", "--host", "127.0.0.1", "--port", settings.ports["router"], "--checkpoint", checkpoint,
         "--job", JOB, "--model-config", settings.model, "--shards", ",".join(addresses.values()),
         "--replicas", min(2, settings.shards), "--device", "cpu",
+        "--http-port", settings.ports["router-http"], "--served-model-name", MODEL_NAME,
+        "--redundant-experts", REDUNDANT_EXPERTS,
     ))  # fmt: skip
     for name, address in {**addresses, "router": router}.items():
         ServiceProbe(address).wait_serving(children, name, timeout=180)
@@ -117,6 +134,14 @@ def _serve(settings: UpSettings, children: Children, checkpoint: str) -> dict[st
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _traffic(http: str, settings: UpSettings) -> Completion:
+    """The prompts, concurrently (they share the router's continuous batch); the user's prompt's result."""
+    prompts = [settings.prompt, *PROMPTS]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        done = list(pool.map(lambda p: complete_http(http, MODEL_NAME, p, settings.max_tokens), prompts))
+    return done[0]
 
 
 def run_up(settings: UpSettings) -> int:
@@ -144,16 +169,25 @@ def run_up(settings: UpSettings) -> int:
         console.phase(f"serving: router + {settings.shards} expert shards from the last checkpoint")
         addresses = _serve(settings, children, checkpoint)
 
-        console.phase("generating")
-        completion = generate_text(addresses["router"], settings.prompt, settings.max_tokens)
-        loads = expert_loads([a for n, a in addresses.items() if n != "router"])
+        console.phase("generating through the OpenAI-compatible API (MTP speculative decoding)")
+        http = f"http://127.0.0.1:{settings.ports['router-http']}"
+        shards = {n: a for n, a in addresses.items() if n.startswith("expert-shard")}
+        shard_loads(shards)  # reset the shards' counters: what follows is this run's traffic
+        completion, before = _traffic(http, settings), shard_loads(shards)
+
+        console.phase("rebalancing the experts from the observed load, while serving")
+        change = rebalance(addresses["router"])
+        _traffic(http, settings)
+        after = shard_loads(shards)
 
         summary = console.Summary(
             settings=settings,
             train_dir=train_dir,
-            addresses=addresses,
+            addresses={**addresses, "http": http},
             completion=completion,
-            loads=loads,
+            before=before,
+            after=after,
+            change=change,
             elapsed=time.monotonic() - started,
         )
         summary.write_report(settings.output_dir / "report.png")
