@@ -126,6 +126,11 @@ def shutdown() -> None:
         provider.shutdown()
 
 
+def tracing_on() -> bool:
+    """Whether `setup` turned tracing on in this process."""
+    return _state["tracing"]
+
+
 def tracer(name: str) -> Any:
     from opentelemetry import trace
 

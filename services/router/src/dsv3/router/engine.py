@@ -12,14 +12,20 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TypeVar
 
 import torch
 
 from dsv3.model import DeepSeekV3
+from dsv3.router import tracing
 from dsv3.router.batched import SlotCache, step
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Request:
     finish_reason: str | None = None  # "stop" (EOS or a stop token) or "length", once finished
     drafted: int = 0  # MTP draft tokens the main model verified for this request
     accepted: int = 0  # ... and accepted
+    trace: object = None  # the trace context it was submitted in (tracing.current())
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -157,7 +164,7 @@ class Engine:
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Request:
         self.validate(prompt, params)
-        request = Request(list(prompt), params)
+        request = Request(list(prompt), params, trace=tracing.current())
         self.waiting.append(request)
         self.wake.set()
         return request
@@ -191,12 +198,19 @@ class Engine:
     def _sample_all(self, logits_BV: torch.Tensor, requests: list[Request]) -> list[int]:
         return sample_rows(logits_BV, [r.params for r in requests], [r.generator for r in requests])
 
+    async def _in_model_thread(self, name: str, requests: list[Request], work: Callable[[], T]) -> T:
+        """Run `work` on the model thread, as a span of the requests' traces when tracing is on."""
+        traced = tracing.in_step(
+            name, [r.trace for r in requests if r.trace is not None], len(requests), work
+        )
+        return await asyncio.get_running_loop().run_in_executor(self.executor, traced)
+
     async def _run_step(self, requests: list[Request], token_lists: list[list[int]]) -> list[int]:
         def work() -> list[int]:
             logits = step(self.model, self.cache, [r.slot for r in requests], token_lists)
             return self._sample_all(logits, requests)
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        return await self._in_model_thread("router.step", requests, work)
 
     async def _prefill(self, requests: list[Request]) -> list[int]:
         """Every joining prompt's first token (and, speculating, its first draft)."""
@@ -215,7 +229,7 @@ class Engine:
                 request.draft = draft
             return [token for token, _ in out]
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        return await self._in_model_thread("router.prefill", requests, work)
 
     async def _decode(self, requests: list[Request]) -> list[list[int]]:
         """The tokens each request gains this step: one, or with an accepted draft two."""
@@ -247,7 +261,7 @@ class Engine:
         def work():
             return speculator.decode(rows)
 
-        outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        outcomes = await self._in_model_thread("router.decode", requests, work)
         for request, outcome in zip(requests, outcomes, strict=True):
             request.draft = outcome.draft
             request.drafted += outcome.drafted

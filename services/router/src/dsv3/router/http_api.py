@@ -376,7 +376,7 @@ def create_app(served: ServedModel, metrics: RouterMetrics) -> FastAPI:
     @app.middleware("http")
     async def _count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        response = await call_next(request)  # FastAPI's own OpenTelemetry makes the request's span
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "other")
         metrics.requests.labels(endpoint, str(response.status_code)).inc()

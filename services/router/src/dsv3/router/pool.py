@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from dsv3.router.placement import Slot
 from dsv3.router.rebalance import Change, Placer
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc
-from dsv3.serving import tensor_codec
+from dsv3.serving import telemetry, tensor_codec
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,9 @@ class ShardPool:
         return True
 
     def _connect(self, address: str) -> Shard:
-        channel = grpc.aio.insecure_channel(address, options=self.options)
+        channel = grpc.aio.insecure_channel(
+            address, options=self.options, interceptors=telemetry.aio_client_interceptors()
+        )
         return Shard(
             address,
             channel,

@@ -21,6 +21,7 @@ from torch import nn
 
 from dsv3.model.dispatch import LocalDispatcher, LocalHandle, Routing
 from dsv3.model.moe import MoE
+from dsv3.router import tracing
 from dsv3.router.pool import ShardPool
 
 
@@ -59,13 +60,12 @@ class RemoteExperts(nn.Module):
             raise RuntimeError(f"layer {self.layer}: routed experts live on shards, none attached")
         if rows_ND.shape[0] == 0:
             return rows_ND.clone()
-        future = asyncio.run_coroutine_threadsafe(
-            self.pool.compute(
+        with tracing.layer_span(self.layer, rows_ND.shape[0]) as context:
+            calls = self.pool.compute(
                 self.layer, rows_ND.detach().cpu(), counts_E.tolist(), row_weights_N.detach().cpu()
-            ),
-            self.loop,
-        )
-        return future.result().to(rows_ND.device)
+            )
+            future = asyncio.run_coroutine_threadsafe(tracing.run_in(context, calls), self.loop)
+            return future.result().to(rows_ND.device)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts} (remote)"

@@ -32,7 +32,7 @@ from dsv3.router.placement import balancedness
 from dsv3.router.pool import ExpertUnavailable, LoadSpec, ShardPool
 from dsv3.router.remote import attach, mtp_layers
 from dsv3.rpc.v1 import expert_pb2, router_pb2, router_pb2_grpc
-from dsv3.serving import registry, tensor_codec
+from dsv3.serving import registry, telemetry, tensor_codec
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 from dsv3.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
@@ -220,6 +220,7 @@ def _load_tokenizer(config: RouterConfig, vocab_size: int) -> Tokenizer:
 
 
 async def serve(config: RouterConfig) -> None:
+    telemetry.setup("dsv3-router")  # before the shard channels: they carry the trace context
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     loop = asyncio.get_running_loop()
     model, layers = await loop.run_in_executor(executor, _load_model, config)

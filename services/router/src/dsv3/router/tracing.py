@@ -1,0 +1,86 @@
+"""The router's spans: one trace per request, through its batch steps and MoE layers to the shards.
+
+- A request remembers the trace context it was submitted in (the gRPC `Generate` server span of the
+  OpenTelemetry interceptor, or the HTTP request's span that FastAPI's own telemetry opens). Every batch
+  step it takes part in is a span in that trace: parented to the oldest request of the batch, linked
+  to the others (a step serves several requests at once).
+- Inside a step (the model thread), each MoE layer's dispatch is a `moe.layer` span; the shard calls
+  it fans out on the event loop run in its context, so their gRPC client spans (and the shards' server
+  spans, through `traceparent` metadata) are its children.
+
+With tracing off (no exporter configured) every function here is a plain pass-through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from dsv3.serving import telemetry
+
+T = TypeVar("T")
+
+
+def enabled() -> bool:
+    return telemetry.tracing_on()
+
+
+def current() -> Any:
+    """The caller's trace context (None while tracing is off)."""
+    if not enabled():
+        return None
+    from opentelemetry import context
+
+    return context.get_current()
+
+
+def _tracer() -> Any:
+    return telemetry.tracer("dsv3.router")
+
+
+def in_step(name: str, contexts: Sequence[Any], batch: int, fn: Callable[[], T]) -> Callable[[], T]:
+    """`fn` wrapped to run (on the model thread) as a step span of the requests' traces."""
+    if not enabled() or not contexts:
+        return fn
+    from opentelemetry import trace
+
+    parent, *others = contexts
+    links = []
+    for ctx in others:
+        span_context = trace.get_current_span(ctx).get_span_context()
+        if span_context.is_valid:
+            links.append(trace.Link(span_context))
+
+    def traced() -> T:
+        with _tracer().start_as_current_span(
+            name, context=parent, links=links, attributes={"dsv3.batch": batch}
+        ):
+            return fn()
+
+    return traced
+
+
+@contextlib.contextmanager
+def layer_span(layer: int, rows: int) -> Iterator[Any]:
+    """The span of one MoE layer's dispatch; yields the context its shard calls should run in."""
+    if not enabled():
+        yield None
+        return
+    from opentelemetry import context
+
+    with _tracer().start_as_current_span("moe.layer", attributes={"dsv3.layer": layer, "dsv3.rows": rows}):
+        yield context.get_current()
+
+
+async def run_in(ctx: Any, coroutine: Awaitable[T]) -> T:
+    """Await `coroutine` with `ctx` attached (a coroutine handed to the loop from another thread)."""
+    if ctx is None:
+        return await coroutine
+    from opentelemetry import context
+
+    token = context.attach(ctx)
+    try:
+        return await coroutine
+    finally:
+        context.detach(token)
