@@ -91,7 +91,7 @@ async def _router_batch(address: str, prompts: list[list[int]], new: int) -> tup
 
         async def one(prompt: list[int]) -> int:
             n = 0
-            request = router_pb2.GenerateRequest(prompt_ids=prompt, max_tokens=new)
+            request = router_pb2.GenerateRequest(prompt_ids=prompt, max_tokens=new, ignore_eos=True)
             async for _ in stub.Generate(request, timeout=600):
                 n += 1
                 if n == 1:

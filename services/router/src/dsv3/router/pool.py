@@ -20,10 +20,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dsv3.router import tracing
 from dsv3.router.placement import Slot
 from dsv3.router.rebalance import Change, Placer
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc
-from dsv3.serving import telemetry, tensor_codec
+from dsv3.serving import tensor_codec
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ class ShardPool:
         return True
 
     def _connect(self, address: str) -> Shard:
-        channel = grpc.aio.insecure_channel(
-            address, options=self.options, interceptors=telemetry.aio_client_interceptors()
-        )
+        channel = grpc.aio.insecure_channel(address, options=self.options)  # traced per call: tracing.py
         return Shard(
             address,
             channel,
@@ -263,7 +262,8 @@ class ShardPool:
         shard.outstanding += rows.shape[0]
         shard.calls += 1
         try:
-            reply = await shard.stub.Compute(request, timeout=self.timeout)
+            with tracing.client_call("/dsv3.rpc.v1.ExpertShardService/Compute", shard.address) as metadata:
+                reply = await shard.stub.Compute(request, timeout=self.timeout, metadata=metadata)
         finally:
             shard.outstanding -= rows.shape[0]
         shard.rows_sent += rows.shape[0]

@@ -6,7 +6,9 @@
   to the others (a step serves several requests at once).
 - Inside a step (the model thread), each MoE layer's dispatch is a `moe.layer` span; the shard calls
   it fans out on the event loop run in its context, so their gRPC client spans (and the shards' server
-  spans, through `traceparent` metadata) are its children.
+  spans, through `traceparent` metadata) are its children. The hot `Compute` calls are traced here,
+  per call, rather than by a channel interceptor: grpc.aio's interceptor pipeline alone cost ~8% of
+  decode tokens/s (benchmarks/bench_tracing.py), and an unsampled call needs only its `traceparent`.
 
 With tracing off (no exporter configured) every function here is a plain pass-through.
 """
@@ -84,3 +86,24 @@ async def run_in(ctx: Any, coroutine: Awaitable[T]) -> T:
         return await coroutine
     finally:
         context.detach(token)
+
+
+@contextlib.contextmanager
+def client_call(method: str, peer: str) -> Iterator[tuple[tuple[str, str], ...] | None]:
+    """Around one shard call: yields the metadata carrying the trace context (None while tracing is
+    off); a CLIENT span (named like the interceptors' ones) only when the current span is sampled."""
+    if not enabled():
+        yield None
+        return
+    from opentelemetry import propagate, trace
+
+    if not trace.get_current_span().is_recording():
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        yield tuple(carrier.items()) or None
+        return
+    attributes = {"rpc.system": "grpc", "rpc.method": method.rsplit("/", 1)[-1], "net.peer.name": peer}
+    with _tracer().start_as_current_span(method, kind=trace.SpanKind.CLIENT, attributes=attributes):
+        carrier = {}
+        propagate.inject(carrier)
+        yield tuple(carrier.items())
