@@ -116,3 +116,21 @@ def test_every_value_is_documented() -> None:
         if parent.strip() == "resources:":
             continue
         assert lines[i - 1].lstrip().startswith("# "), f"values.yaml:{i + 1}: {line.strip()} has no comment"
+
+
+def test_grafana_dashboard_configmap_queries_metrics_the_services_export() -> None:
+    import json
+    import re
+
+    assert not [d for d in _render() if d["kind"] == "ConfigMap" and "grafana" in d["metadata"]["name"]]
+    (cm,) = [d for d in _render("grafana.dashboard.enabled=true") if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].endswith("grafana-dashboard")]  # fmt: skip
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["dsv3-dashboard.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(dashboard["panels"]) >= 10 and all(exprs)
+    sources = "".join(p.read_text() for p in (CHART.parents[1] / "services").rglob("src/**/*.py"))
+    for name in {m for e in exprs for m in re.findall(r"dsv3_[a-z_]+", e)}:
+        stem = re.sub(r"_(total|bucket)$", "", name)
+        stem = stem.removesuffix("_seconds") if f'"{stem}"' not in sources else stem  # OTel appends the unit
+        assert f'"{stem}"' in sources, f"the dashboard queries {name}, which no service exports"
