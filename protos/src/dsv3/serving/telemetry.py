@@ -24,6 +24,7 @@ from typing import Any
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"service": None, "tracing": False, "metrics_server": None}
+_handler_traced: set[str] = set()  # full method names whose handlers open their own server span
 
 
 def tracing_requested() -> bool:
@@ -172,12 +173,36 @@ def server_interceptors() -> list[Any]:
 
     class _SampledOnly(grpc.aio.ServerInterceptor):
         async def intercept_service(self, continuation, handler_call_details):
+            if handler_call_details.method in _handler_traced:
+                return await continuation(handler_call_details)
             for key, value in handler_call_details.invocation_metadata or ():
                 if key == "traceparent" and isinstance(value, str) and value.endswith("-00"):
                     return await continuation(handler_call_details)
             return await full.intercept_service(continuation, handler_call_details)
 
     return [_SampledOnly()]
+
+
+def trace_in_handler(method: str) -> None:
+    """Let `method`'s handler open its own span (`start_server_span`) instead of the interceptor: for a
+    server-streaming RPC the interceptor's wrapper costs on every streamed message, sampled or not."""
+    _handler_traced.add(method)
+
+
+def start_server_span(method: str, metadata: Any) -> tuple[Any, Any]:
+    """A SERVER span for one call, continuing the caller's `traceparent`: (span, its context), or
+    (None, None) while tracing is off. The caller ends the span."""
+    if not _state["tracing"]:
+        return None, None
+    from opentelemetry import propagate, trace
+
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    service, _, name = method.strip("/").rpartition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    span = tracer("dsv3.serving").start_span(
+        method, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER, attributes=attributes
+    )
+    return span, trace.set_span_in_context(span)
 
 
 def traced_channel(channel: Any) -> Any:

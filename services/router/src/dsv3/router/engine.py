@@ -162,9 +162,10 @@ class Engine:
         if params.top_k < 0:
             raise RequestError("top_k", f"must be >= 0, got {params.top_k}")
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, trace: object = None) -> Request:
+        """Queue a request; `trace`: the trace context it belongs to (default: the caller's current)."""
         self.validate(prompt, params)
-        request = Request(list(prompt), params, trace=tracing.current())
+        request = Request(list(prompt), params, trace=trace if trace is not None else tracing.current())
         self.waiting.append(request)
         self.wake.set()
         return request

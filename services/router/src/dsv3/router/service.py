@@ -38,6 +38,7 @@ from dsv3.serving.server import serve as serve_forever
 from dsv3.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
 
 log = logging.getLogger(__name__)
+GENERATE = "/dsv3.rpc.v1.RouterService/Generate"
 SERVICE_NAME = "dsv3.rpc.v1.RouterService"
 
 
@@ -96,9 +97,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             seed=request.seed if request.HasField("seed") else None,
             ignore_eos=request.ignore_eos,
         )
+        span, trace = telemetry.start_server_span(GENERATE, context.invocation_metadata())
         try:
-            job = self.engine.submit(list(request.prompt_ids), params)
+            job = self.engine.submit(list(request.prompt_ids), params, trace=trace)
         except RequestError as exc:
+            if span is not None:
+                span.end()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         index = 0
         try:
@@ -115,6 +119,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await self._abort_for(context, exc)
         finally:
             job.cancelled = True  # a client that went away frees its slot at the next step
+            if span is not None:
+                span.end()
 
     async def Placement(self, request, context):
         shards = []
@@ -220,7 +226,8 @@ def _load_tokenizer(config: RouterConfig, vocab_size: int) -> Tokenizer:
 
 
 async def serve(config: RouterConfig) -> None:
-    telemetry.setup("dsv3-router")  # before the shard channels: they carry the trace context
+    telemetry.setup("dsv3-router")
+    telemetry.trace_in_handler(GENERATE)  # one span per stream, not the interceptor's per message
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     loop = asyncio.get_running_loop()
     model, layers = await loop.run_in_executor(executor, _load_model, config)
