@@ -42,12 +42,24 @@ def _tracer() -> Any:
 
 
 def in_step(name: str, contexts: Sequence[Any], batch: int, fn: Callable[[], T]) -> Callable[[], T]:
-    """`fn` wrapped to run (on the model thread) as a step span of the requests' traces."""
+    """`fn` wrapped to run (on the model thread) as a step span of the requests' traces. A batch with no
+    sampled request gets no span at all, only its context (so the shards learn "not sampled")."""
     if not enabled() or not contexts:
         return fn
-    from opentelemetry import trace
+    from opentelemetry import context, trace
 
-    parent, *others = contexts
+    sampled = [c for c in contexts if trace.get_current_span(c).get_span_context().trace_flags.sampled]
+    if not sampled:
+
+        def unsampled() -> T:
+            token = context.attach(contexts[0])
+            try:
+                return fn()
+            finally:
+                context.detach(token)
+
+        return unsampled
+    parent, *others = sampled + [c for c in contexts if c not in sampled]
     links = []
     for ctx in others:
         span_context = trace.get_current_span(ctx).get_span_context()
@@ -65,12 +77,16 @@ def in_step(name: str, contexts: Sequence[Any], batch: int, fn: Callable[[], T])
 
 @contextlib.contextmanager
 def layer_span(layer: int, rows: int) -> Iterator[Any]:
-    """The span of one MoE layer's dispatch; yields the context its shard calls should run in."""
+    """The span of one MoE layer's dispatch (only in a sampled step); yields the context its shard calls
+    should run in."""
     if not enabled():
         yield None
         return
-    from opentelemetry import context
+    from opentelemetry import context, trace
 
+    if not trace.get_current_span().is_recording():
+        yield context.get_current()
+        return
     with _tracer().start_as_current_span("moe.layer", attributes={"dsv3.layer": layer, "dsv3.rows": rows}):
         yield context.get_current()
 
