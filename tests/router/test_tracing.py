@@ -18,6 +18,17 @@ from dsv3.serving.ports import free_port
 MOE_LAYERS = {1, 2}  # the debug flavour: layer 0 dense, 1 and 2 MoE (speculation off: no MTP layer)
 
 
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{'layer="1"': value, ...}: a metric's samples by their dsv3 label (other labels dropped)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels = line[len(name) + 1 : line.index("}")].split(",")
+            key = ",".join(x for x in labels if x.startswith(("layer=", "direction=")))
+            out[key] = out.get(key, 0.0) + float(line.split()[-1])
+    return out
+
+
 def _spans(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -56,7 +67,9 @@ def test_one_trace_per_request_from_entry_to_the_shards(tmp_path: Path, spawn, m
     monkeypatch.setenv("DSV3_TRACE_FILE", str(traces))
     torch.manual_seed(0)
     DeepSeekV3(ModelConfig.flavour("debug")).eval().save_pretrained(tmp_path / "model")
-    shards = [spawn("dsv3.expert_shard", "--device", "cpu", "--shard-id", f"s{i}") for i in range(2)]
+    shard_metrics = [free_port(), free_port()]
+    shards = [spawn("dsv3.expert_shard", "--device", "cpu", "--shard-id", f"s{i}",
+                    "--metrics-port", str(port)) for i, port in enumerate(shard_metrics)]  # fmt: skip
     http = free_port()
     router = spawn("dsv3.router", "--model-dir", str(tmp_path / "model"), "--device", "cpu", "--max-length",
                    "64", "--shards", ",".join(s.address for s in shards), "--http-port", str(http),
@@ -68,6 +81,8 @@ def test_one_trace_per_request_from_entry_to_the_shards(tmp_path: Path, spawn, m
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     assert json.load(urllib.request.urlopen(request, timeout=60))["usage"]["completion_tokens"] == 3
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=30).read().decode()
+    scraped = [urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=30).read().decode()
+               for p in shard_metrics]  # fmt: skip
     router.stop()
     for shard in shards:
         shard.stop()
@@ -85,3 +100,9 @@ def test_one_trace_per_request_from_entry_to_the_shards(tmp_path: Path, spawn, m
     assert float(generated[0].split()[1]) == 3.0
     steps = [line for line in metrics.splitlines() if line.startswith("dsv3_decode_steps_total ")]
     assert float(steps[0].split()[1]) == 4.0  # 2 per request after its prefill (3 tokens each)
+    dispatches = _samples(metrics, "dsv3_router_dispatch_duration_seconds_count")
+    assert set(dispatches) == {f'layer="{n}"' for n in MOE_LAYERS}
+    assert all(v == 6.0 for v in dispatches.values())  # 3 forwards per request, 2 requests, each layer
+    rows = [sum(_samples(text, "dsv3_shard_rows_total").values()) for text in scraped]
+    assert all(r > 0 for r in rows), rows  # both shards computed, and say so on their own endpoints
+    assert all("dsv3_shard_compute_duration_seconds_bucket" in text for text in scraped)

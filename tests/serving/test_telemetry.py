@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,18 @@ def _spans(path: Path) -> list[dict]:
 def test_a_client_trace_continues_in_the_server_process(tmp_path: Path, spawn, monkeypatch) -> None:
     trace_file = tmp_path / "spans.jsonl"
     monkeypatch.setenv("DSV3_TRACE_FILE", str(trace_file))
-    server = spawn("dsv3.checkpoint", "--data-dir", str(tmp_path / "data"))
+    metrics_port = free_port()
+    server = spawn(
+        "dsv3.checkpoint", "--data-dir", str(tmp_path / "data"), "--metrics-port", str(metrics_port)
+    )
     client = subprocess.run([sys.executable, "-c", CLIENT, server.address], capture_output=True, text=True)
     assert client.returncode == 0, client.stderr[-3000:]
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     server.stop()
+    moved = {line.split("direction=")[1][1:5]: float(line.split()[-1])
+             for line in scraped.splitlines() if line.startswith("dsv3_checkpoint_bytes_total{")}  # fmt: skip
+    # one float32 tensor of 4 each way: its part file (header included) written, its 16 bytes read back
+    assert moved["load"] == 16.0 and moved["save"] >= 16.0, moved
     spans = _spans(trace_file)
     (root,) = [s for s in spans if s["name"] == "request"]
     assert root["service"] == "test-client" and root["parent_id"] is None

@@ -27,6 +27,7 @@ class CheckpointConfig:
     )
     redis_timeout_seconds: float = 2.0  # per Redis call: a hung Redis answers UNAVAILABLE this fast
     grace_seconds: float = 10.0
+    metrics_port: int = 0  # Prometheus /metrics (bytes saved and loaded, calls); 0: none
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

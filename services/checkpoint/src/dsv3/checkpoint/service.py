@@ -34,7 +34,7 @@ from dsv3.checkpoint.storage import CorruptData, Layout, NotFound, WrongState
 from dsv3.checkpoint.store import IndexLost, MetadataStore, open_store
 from dsv3.checkpoint.threads import finish, run_to_end, settle
 from dsv3.rpc.v1 import checkpoint_pb2, checkpoint_pb2_grpc, tensor_pb2
-from dsv3.serving import dtypes
+from dsv3.serving import dtypes, telemetry
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 
@@ -127,6 +127,11 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         waiting, wait_s = config.max_waiting_streams, config.stream_wait_seconds
         self.save_gate = StreamGate("save", config.max_save_streams, waiting, wait_s)
         self.load_gate = StreamGate("load", config.max_load_streams, waiting, wait_s)
+        self.bytes_moved = telemetry.meter("dsv3.checkpoint").create_counter(
+            "dsv3_checkpoint_bytes", unit="By", description="bytes saved (part files) and loaded (tensors)"
+            unit="By",
+            description="bytes written by saves (part files), tensor bytes loaded",
+        )
         streams = config.max_save_streams + config.max_load_streams
         self._data_pool = ThreadPoolExecutor(streams + 4, thread_name_prefix="ckpt-data")
         self._write_pool = ThreadPoolExecutor(config.max_save_streams, thread_name_prefix="ckpt-write")
@@ -176,6 +181,7 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                 written = await self._disk(session.finish)
             finally:
                 await self._disk(session.close)
+            self.bytes_moved.add(written, {"direction": "save"})
             return checkpoint_pb2.SaveResponse(bytes_written=written)
 
     async def _receive(self, session: SaveSession, request_iterator) -> None:
@@ -335,6 +341,7 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
                     if run != request.shard:
                         continue
                     await self._disk(reader.open_part, part)
+                    self.bytes_moved.add(tensor["nbytes"], {"direction": "load"})
                     yield checkpoint_pb2.LoadResponse(
                         tensor=tensor_pb2.TensorSpec(
                             name=tensor["name"], dtype=tensor["dtype"], shape=tensor["shape"]
@@ -410,6 +417,8 @@ class _Server(ServiceServer):
 
 
 async def serve(config: CheckpointConfig) -> None:
+    telemetry.setup("dsv3-checkpoint")
+    telemetry.serve_metrics(config.metrics_port)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(config.redis_url, config.data_dir, config.redis_timeout_seconds)
     servicer = CheckpointServicer(config, store)

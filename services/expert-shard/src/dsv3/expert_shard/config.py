@@ -24,6 +24,7 @@ class ShardConfig:
     registry_ttl_seconds: float = 6.0
     checkpoint: str | None = None  # address of the checkpoint service, for CheckpointSource loads
     max_message_bytes: int = 256 << 20
+    metrics_port: int = 0  # Prometheus /metrics (rows computed per layer, compute time); 0: none
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 

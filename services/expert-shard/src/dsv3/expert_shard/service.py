@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,7 +21,7 @@ from dsv3.expert_shard.config import ShardConfig
 from dsv3.expert_shard.slots import CapacityError, SlotError, SlotNotLoaded, SlotStore
 from dsv3.expert_shard.weights import HfDirectory, WeightSourceError, checkpoint_reader
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
-from dsv3.serving import registry, tensor_codec
+from dsv3.serving import registry, telemetry, tensor_codec
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 
@@ -46,6 +47,9 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
         self.store = store
         self.compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        meter = telemetry.meter("dsv3.expert_shard")
+        self.rows_computed = meter.create_counter("dsv3_shard_rows", description="rows computed, per layer")
+        self.compute_time = meter.create_histogram("dsv3_shard_compute_duration", unit="s")
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, SlotNotLoaded):
@@ -59,6 +63,7 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
         await context.abort(code, str(exc))
 
     async def Compute(self, request, context):
+        started = time.perf_counter()
         try:
             rows = _decode("rows", request.rows)
             weights = _decode("row_weights", request.row_weights)
@@ -71,6 +76,9 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
                 )
         except (SlotError, ValueError) as exc:
             await self._fail(context, exc if isinstance(exc, SlotError) else SlotError("rows", str(exc)))
+        layer = {"layer": str(request.layer)}
+        self.rows_computed.add(rows.shape[0], layer)
+        self.compute_time.record(time.perf_counter() - started, layer)
         return expert_pb2.ComputeResponse(rows=tensor_codec.encode(out))
 
     async def LoadSlots(self, request, context):
@@ -123,6 +131,8 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
 
 
 async def serve(config: ShardConfig) -> None:
+    telemetry.setup("dsv3-expert-shard")
+    telemetry.serve_metrics(config.metrics_port)
     store = SlotStore(config.capacity, config.device)
     servicer = ExpertShardServicer(config, store)
     server = ServiceServer(

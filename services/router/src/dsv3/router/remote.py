@@ -15,6 +15,7 @@ every shard has answered.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 from torch import nn
@@ -23,6 +24,10 @@ from dsv3.model.dispatch import LocalDispatcher, LocalHandle, Routing
 from dsv3.model.moe import MoE
 from dsv3.router import tracing
 from dsv3.router.pool import ShardPool
+from dsv3.serving import telemetry
+
+# One MoE layer's fan-out to the shards and back, as the model thread waits for it.
+DISPATCH_TIME = telemetry.meter("dsv3.router").create_histogram("dsv3_router_dispatch_duration", unit="s")
 
 
 class RemoteDispatcher(LocalDispatcher):
@@ -60,12 +65,15 @@ class RemoteExperts(nn.Module):
             raise RuntimeError(f"layer {self.layer}: routed experts live on shards, none attached")
         if rows_ND.shape[0] == 0:
             return rows_ND.clone()
+        started = time.perf_counter()
         with tracing.layer_span(self.layer, rows_ND.shape[0]) as context:
             calls = self.pool.compute(
                 self.layer, rows_ND.detach().cpu(), counts_E.tolist(), row_weights_N.detach().cpu()
             )
             future = asyncio.run_coroutine_threadsafe(tracing.run_in(context, calls), self.loop)
-            return future.result().to(rows_ND.device)
+            out = future.result().to(rows_ND.device)
+        DISPATCH_TIME.record(time.perf_counter() - started, {"layer": str(self.layer)})
+        return out
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts} (remote)"
