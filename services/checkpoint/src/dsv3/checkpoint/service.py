@@ -129,8 +129,6 @@ class CheckpointServicer(checkpoint_pb2_grpc.CheckpointServiceServicer):
         self.load_gate = StreamGate("load", config.max_load_streams, waiting, wait_s)
         self.bytes_moved = telemetry.meter("dsv3.checkpoint").create_counter(
             "dsv3_checkpoint_bytes", unit="By", description="bytes saved (part files) and loaded (tensors)"
-            unit="By",
-            description="bytes written by saves (part files), tensor bytes loaded",
         )
         streams = config.max_save_streams + config.max_load_streams
         self._data_pool = ThreadPoolExecutor(streams + 4, thread_name_prefix="ckpt-data")
