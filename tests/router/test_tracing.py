@@ -100,6 +100,8 @@ def test_one_trace_per_request_from_entry_to_the_shards(tmp_path: Path, spawn, m
     assert float(generated[0].split()[1]) == 3.0
     steps = [line for line in metrics.splitlines() if line.startswith("dsv3_decode_steps_total ")]
     assert float(steps[0].split()[1]) == 4.0  # 2 per request after its prefill (3 tokens each)
+    up = [line for line in metrics.splitlines() if line.startswith("dsv3_shard_up{")]
+    assert len(up) == 2 and all(line.endswith(" 1.0") for line in up), up
     dispatches = _samples(metrics, "dsv3_router_dispatch_duration_seconds_count")
     assert set(dispatches) == {f'layer="{n}"' for n in MOE_LAYERS}
     assert all(v == 6.0 for v in dispatches.values())  # 3 forwards per request, 2 requests, each layer

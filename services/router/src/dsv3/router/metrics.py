@@ -44,11 +44,19 @@ class EngineCollector:
 class PlacementCollector:
     """The expert placement (`Placer`): version, changes, the last change's moves and balancedness."""
 
-    def __init__(self, placer) -> None:
+    def __init__(self, placer, shards=None) -> None:
         self.placer = placer
+        self.shards = shards  # address -> Shard (the pool's), for shard health
 
     def collect(self):
         placer = self.placer
+        if self.shards is not None:
+            health = GaugeMetricFamily("dsv3_shard_up", "1 while a shard is live", labels=["shard"])
+                "dsv3_shard_up", "1 while the router counts a shard live", labels=["shard"]
+            )
+            for address, shard in list(self.shards.items()):
+                health.add_metric([address], 1.0 if shard.live else 0.0)
+            yield health
         yield GaugeMetricFamily("dsv3_placement_version", "Current expert-placement version", placer.version)
         yield CounterMetricFamily("dsv3_placement_changes", "Placement changes applied", placer.changes)
         last = placer.last
@@ -66,11 +74,11 @@ class PlacementCollector:
 
 
 class RouterMetrics:
-    def __init__(self, engine: Engine, placer=None) -> None:
+    def __init__(self, engine: Engine, placer=None, shards=None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
         if placer is not None:
-            self.registry.register(PlacementCollector(placer))
+            self.registry.register(PlacementCollector(placer, shards))
         self.requests = Counter(
             "dsv3_http_requests",
             "HTTP API requests by endpoint and status code",

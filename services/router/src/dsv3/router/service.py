@@ -298,7 +298,7 @@ async def serve(config: RouterConfig) -> None:
     if config.http_port:
         served = ServedModel(config.model_name, engine, tokenizer, unavailable)
         http, http_task = await start_http(
-            create_app(served, RouterMetrics(engine, pool.placer)), config.host, config.http_port
+            create_app(served, RouterMetrics(engine, pool.placer, pool.shards)), config.host, config.http_port
         )
         log.info("HTTP API (OpenAI-compatible) on port %d, model %r", config.http_port, served.name)
 
