@@ -52,8 +52,6 @@ class PlacementCollector:
         placer = self.placer
         if self.shards is not None:
             health = GaugeMetricFamily("dsv3_shard_up", "1 while a shard is live", labels=["shard"])
-                "dsv3_shard_up", "1 while the router counts a shard live", labels=["shard"]
-            )
             for address, shard in list(self.shards.items()):
                 health.add_metric([address], 1.0 if shard.live else 0.0)
             yield health
