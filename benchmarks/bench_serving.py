@@ -62,8 +62,11 @@ def echo_server(port: int) -> None:
     asyncio.run(run())
 
 
-def _spawn(args: list[str], log: Path, threads: int = 1) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def _spawn(
+    args: list[str], log: Path, threads: int = 1, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`python *args` with its output in `log`; `env`: variables added to this process's environment."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **(env or {}))
     return subprocess.Popen([sys.executable, *args], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
 
 

@@ -38,6 +38,9 @@ from pathlib import Path
 import grpc
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serving import _spawn, _wait_serving
+
 from dsv3.corpus import stdlib_bytes
 from dsv3.demo import DemoSettings, run_demo
 from dsv3.model import DeepSeekV3
@@ -94,27 +97,6 @@ def _in_process(model: DeepSeekV3, speculative: bool, prompts: list[list[int]], 
 
 
 # ---- router + shards -------------------------------------------------------------------------------
-def _spawn(args: list[str], log: Path, threads: int = 1) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return subprocess.Popen([sys.executable, *args], stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
-
-
-def _wait_serving(address: str, timeout: float = 180) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(address) as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{address} not serving")
-
-
 def _scrape(http: str) -> dict[str, float]:
     text = urllib.request.urlopen(f"{http}/metrics", timeout=10).read().decode()
     out = {}
@@ -213,7 +195,7 @@ def main() -> None:
             procs += started
             clusters[speculative] = (address, http)
         for address, _ in clusters.values():
-            _wait_serving(address)
+            _wait_serving(address, timeout=180)
         for speculative in (False, True):  # warm-up: first-call costs stay out of the timings
             _in_process(model, speculative, prompts[:2], 8, max_length)
             _router_run(*clusters[speculative], prompts[:2], 8)

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -30,27 +29,21 @@ GOAL = 0.03
 
 
 def _stack(model_dir: Path, work: Path, env: dict[str, str], where: str = "all") -> tuple[str, list]:
-    saved = dict(os.environ)
-    os.environ.update(env if where in ("all", "shards") else {})
-    try:
-        ports = [free_port() for _ in range(3)]
-        shard = ["-m", "dsv3.expert_shard", "--host", "127.0.0.1", "--device", "cpu"]
-        procs = [_spawn([*shard, "--port", str(p), "--shard-id", f"s{p}"], work / f"shard-{p}.log")
-                 for p in ports[:2]]  # fmt: skip
-        for p in ports[:2]:
-            _wait_serving(f"127.0.0.1:{p}")
-        router = ["-m", "dsv3.router", "--host", "127.0.0.1", "--port", str(ports[2]), "--device", "cpu",
-                  "--model-dir", str(model_dir), "--http-port", "0", "--speculative", "off",
-                  "--shards", ",".join(f"127.0.0.1:{p}" for p in ports[:2])]  # fmt: skip
-        os.environ.clear()
-        os.environ.update(saved)
-        os.environ.update(env if where in ("all", "router") else {})
-        procs.append(_spawn(router, work / f"router-{ports[2]}.log"))
-        _wait_serving(f"127.0.0.1:{ports[2]}")
-        return f"127.0.0.1:{ports[2]}", procs
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    """Router + 2 shards; `env` (the tracing settings) goes to the processes `where` names."""
+    shard_env = env if where in ("all", "shards") else {}
+    router_env = env if where in ("all", "router") else {}
+    ports = [free_port() for _ in range(3)]
+    shard = ["-m", "dsv3.expert_shard", "--host", "127.0.0.1", "--device", "cpu"]
+    procs = [_spawn([*shard, "--port", str(p), "--shard-id", f"s{p}"], work / f"shard-{p}.log", env=shard_env)
+             for p in ports[:2]]  # fmt: skip
+    for p in ports[:2]:
+        _wait_serving(f"127.0.0.1:{p}")
+    router = ["-m", "dsv3.router", "--host", "127.0.0.1", "--port", str(ports[2]), "--device", "cpu",
+              "--model-dir", str(model_dir), "--http-port", "0", "--speculative", "off",
+              "--shards", ",".join(f"127.0.0.1:{p}" for p in ports[:2])]  # fmt: skip
+    procs.append(_spawn(router, work / f"router-{ports[2]}.log", env=router_env))
+    _wait_serving(f"127.0.0.1:{ports[2]}")
+    return f"127.0.0.1:{ports[2]}", procs
 
 
 def main() -> None:
