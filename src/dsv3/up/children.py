@@ -49,12 +49,6 @@ class Child:
     def pid(self) -> int:
         return self.process.pid
 
-    def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
 
 class Children:
     """Every process `dsv3 up` started; `stop()` (also on leaving the `with`) ends them all."""

@@ -80,11 +80,6 @@ def complete_http(http: str, model: str, prompt: str, max_tokens: int, seed: int
     )
 
 
-def models(http: str) -> list[str]:
-    with urllib.request.urlopen(f"{http}/v1/models", timeout=30) as response:
-        return [m["id"] for m in json.load(response)["data"]]
-
-
 def shard_loads(shards: dict[str, str]) -> dict[str, dict[tuple[int, int], int]]:
     """Per shard name: rows each (layer, expert) slot computed since the previous Status call."""
     loads: dict[str, dict[tuple[int, int], int]] = {}

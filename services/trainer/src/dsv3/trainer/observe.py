@@ -17,7 +17,7 @@ from dsv3.serving import telemetry
 
 class TrainerTelemetry:
     def __init__(self, rank: int, job: str, metrics_port: int = 0) -> None:
-        telemetry.setup("dsv3-trainer")
+        """After `telemetry.setup` (the trainer's `train` does it before any client exists)."""
         self.rank, self.job = rank, job
         self.tracer = telemetry.tracer("dsv3.trainer")
         self.port = telemetry.serve_metrics(metrics_port) if rank == 0 else 0
