@@ -1,13 +1,14 @@
 """Read a serving job's expert placement from its router's `RouterService.Placement` RPC (router.proto).
 
-The one place that knows the router's stub (imported lazily, like `trainer_status`). Without an answer
+The call itself is `status_rpc.call_status` (stubs imported lazily, a deadline). Without an answer
 `read_placement` returns None and the job's status keeps what the pods say.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+
+from dsv3.operator.status_rpc import call_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,17 +23,8 @@ class PlacementStatus:
 
 def read_placement(address: str, timeout: float = 2.0) -> PlacementStatus | None:
     """One Placement call to `address` (host:port) with a deadline; None if unavailable for any reason."""
-    try:
-        pb2 = importlib.import_module("dsv3.rpc.v1.router_pb2")
-        pb2_grpc = importlib.import_module("dsv3.rpc.v1.router_pb2_grpc")
-    except ImportError:
-        return None
-    import grpc
-
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = pb2_grpc.RouterServiceStub(channel).Placement(pb2.PlacementRequest(), timeout=timeout)
-    except grpc.RpcError:
+    reply = call_status("router", "RouterService", "Placement", "PlacementRequest", address, timeout)
+    if reply is None:
         return None
     balance = reply.window_balancedness or reply.balancedness
     return PlacementStatus(

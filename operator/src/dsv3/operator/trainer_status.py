@@ -1,16 +1,17 @@
 """Read the trainer's progress from rank 0's `TrainerService.Status` RPC (trainer.proto).
 
-The one place that knows the trainer's stub (imported lazily: an older dsv3-rpc without trainer.proto
-gives None). Without an answer `read_trainer_status` returns None and the job's status keeps what the
-pods say; loss and tokens/s are None until a step has run, the checkpoint step until one is committed,
-the last anomaly until the trainer has seen one.
+The call itself is `status_rpc.call_status` (stubs imported lazily: an older dsv3-rpc without
+trainer.proto gives None). Without an answer `read_trainer_status` returns None and the job's status
+keeps what the pods say; loss and tokens/s are None until a step has run, the checkpoint step until one
+is committed, the last anomaly until the trainer has seen one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
+
+from dsv3.operator.status_rpc import call_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +43,8 @@ class TrainerStatus:
 
 def read_trainer_status(address: str, timeout: float = 2.0) -> TrainerStatus | None:
     """One Status call to `address` (host:port) with a deadline; None if unavailable for any reason."""
-    try:
-        pb2 = importlib.import_module("dsv3.rpc.v1.trainer_pb2")
-        pb2_grpc = importlib.import_module("dsv3.rpc.v1.trainer_pb2_grpc")
-    except ImportError:
-        return None
-    import grpc
-
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = pb2_grpc.TrainerServiceStub(channel).Status(pb2.TrainerStatusRequest(), timeout=timeout)
-    except grpc.RpcError:
+    reply = call_status("trainer", "TrainerService", "Status", "TrainerStatusRequest", address, timeout)
+    if reply is None:
         return None
     return TrainerStatus(
         state=reply.state,
