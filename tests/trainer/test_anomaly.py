@@ -100,7 +100,7 @@ def test_the_watchdog_ends_a_stalled_process_with_exit_code_142_after_reporting(
     child = (
         "import time\n"
         "from dsv3.trainer.watchdog import StallWatchdog\n"
-        "w = StallWatchdog(0.5, lambda idle: print(f'stalled {idle:.2f}', flush=True), report_seconds=0.1)\n"
+        "w = StallWatchdog(0.5, lambda idle: print(f'stalled {idle!r}', flush=True), report_seconds=0.1)\n"
         "w.start()\n"
         "for _ in range(3):\n"
         "    time.sleep(0.3); w.beat()\n"  # beating: alive
