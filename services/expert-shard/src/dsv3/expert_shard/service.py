@@ -21,7 +21,7 @@ from dsv3.expert_shard.config import ShardConfig
 from dsv3.expert_shard.slots import CapacityError, SlotError, SlotNotLoaded, SlotStore
 from dsv3.expert_shard.weights import HfDirectory, WeightSourceError, checkpoint_reader
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
-from dsv3.serving import registry, telemetry, tensor_codec
+from dsv3.serving import registry, telemetry, tensor_codec, threads
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 
@@ -45,8 +45,14 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
     def __init__(self, config: ShardConfig, store: SlotStore) -> None:
         self.config = config
         self.store = store
-        self.compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self.load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        # large Computes get torch's threads; the loop's inline ones (and loading) run on one
+        self.compute_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="compute", initializer=threads.use_for_compute
+        )
+        threads.use_for_bookkeeping()
+        self.load_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="load", initializer=threads.use_for_bookkeeping
+        )
         meter = telemetry.meter("dsv3.expert_shard")
         self.rows_computed = meter.create_counter("dsv3_shard_rows", description="rows computed, per layer")
         self.compute_time = meter.create_histogram("dsv3_shard_compute_duration", unit="s")

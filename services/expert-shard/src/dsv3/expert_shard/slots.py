@@ -1,12 +1,16 @@
 """The shard's core, without gRPC: which (layer, expert) slots it holds, and their grouped SwiGLU.
 
-Weights of a layer's requested experts are stacked for `ops.grouped_swiglu`; the stack is cached per
-(layer, experts) since the router sends the same set step after step, and dropped when slots change.
+Each layer's held experts live stacked in expert order (`LayerStack`), so a Compute for any subset of
+them is one grouped GEMM pair over the whole stack with zero rows for the experts not asked for (they
+cost nothing). The set a router asks for changes every step; restacking it per call (a copy of every
+requested expert's weights) cost the shard more than the GEMMs. Loads and drops restack their layer.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
 import threading
 
 import torch
@@ -33,18 +37,38 @@ class CapacityError(SlotError):
     """More slots than `capacity`: RESOURCE_EXHAUSTED."""
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """One layer's held experts, ascending, with their weights stacked: [E, 2F, D] and [E, D, F]."""
+
+    experts: tuple[int, ...]
+    position: dict[int, int]  # expert id -> index in the stack
+    gate_up_E2FD: torch.Tensor
+    down_EDF: torch.Tensor
+
+
 class SlotStore:
-    def __init__(self, capacity: int, device: str = "cpu", cached_stacks: int = 64) -> None:
+    def __init__(self, capacity: int, device: str = "cpu") -> None:
         self.capacity = capacity
         self.device = torch.device(device)
-        self.held: dict[Slot, ExpertWeights] = {}
+        self.held: dict[Slot, ExpertWeights] = {}  # views into the layer stacks
         self.sizes: tuple[int, int] | None = None  # (hidden, width) of every held slot
         self.tokens: collections.Counter[Slot] = collections.Counter()
-        self._stacks: collections.OrderedDict[tuple[int, tuple[int, ...]], ExpertWeights] = (
-            collections.OrderedDict()
-        )
-        self._cached_stacks = cached_stacks
+        self._layers: dict[int, LayerStack] = {}
         self._lock = threading.Lock()
+
+    def _restack(self, layer: int) -> None:
+        """Rebuild one layer's stack from its held slots (under the lock); the held entries become
+        views into it, so the weights are stored once."""
+        experts = tuple(sorted(e for l, e in self.held if l == layer))
+        if not experts:
+            self._layers.pop(layer, None)
+            return
+        gate_up = torch.stack([self.held[(layer, e)][0] for e in experts])
+        down = torch.stack([self.held[(layer, e)][1] for e in experts])
+        self._layers[layer] = LayerStack(experts, {e: i for i, e in enumerate(experts)}, gate_up, down)
+        for i, e in enumerate(experts):
+            self.held[(layer, e)] = (gate_up[i], down[i])
 
     # ---- slots ----------------------------------------------------------------------------------
     def load(
@@ -82,13 +106,15 @@ class SlotStore:
                 gate_up, down = weights[slot]
                 self.held[slot] = (gate_up.to(self.device, dtype), down.to(self.device, dtype))
             self.sizes = (hidden, width)
-            self._stacks.clear()
+            for layer in {l for l, _ in new}:
+                self._restack(layer)
         return new
 
     def drop(self, slots: list[Slot]) -> list[Slot]:
         with self._lock:
             dropped = [s for s in dict.fromkeys(slots) if self.held.pop(s, None) is not None]
-            self._stacks.clear()
+            for layer in {l for l, _ in dropped}:
+                self._restack(layer)
         return dropped
 
     def take_tokens(self) -> dict[Slot, int]:
@@ -99,26 +125,14 @@ class SlotStore:
         return out
 
     # ---- compute --------------------------------------------------------------------------------
-    def _stack(self, layer: int, experts: tuple[int, ...]) -> ExpertWeights:
-        key = (layer, experts)
+    def _positions(self, layer: int, experts: list[int]) -> tuple[LayerStack, list[int]]:
         with self._lock:
-            stack = self._stacks.get(key)
-            if stack is not None:
-                self._stacks.move_to_end(key)
-                return stack
-            missing = [e for e in experts if (layer, e) not in self.held]
-            if missing:
-                raise SlotNotLoaded(
-                    "experts", f"slot (layer {layer}, expert {missing[0]}) is not loaded here"
-                )
-            stack = (
-                torch.stack([self.held[(layer, e)][0] for e in experts]),
-                torch.stack([self.held[(layer, e)][1] for e in experts]),
-            )
-            self._stacks[key] = stack
-            if len(self._stacks) > self._cached_stacks:
-                self._stacks.popitem(last=False)
-            return stack
+            stack = self._layers.get(layer)
+        positions = [stack.position.get(e, -1) if stack is not None else -1 for e in experts]
+        if -1 in positions:
+            missing = experts[positions.index(-1)]
+            raise SlotNotLoaded("experts", f"slot (layer {layer}, expert {missing}) is not loaded here")
+        return stack, positions
 
     def compute(
         self,
@@ -146,15 +160,30 @@ class SlotStore:
                 "row_weights",
                 f"must be floating [{rows_ND.shape[0]}], got {weights_N.dtype} {list(weights_N.shape)}",
             )
-        gate_up, down = self._stack(layer, tuple(experts))
-        if rows_ND.shape[1] != gate_up.shape[2]:
+        if not experts:
+            return rows_ND.clone()
+        stack, positions = self._positions(layer, experts)
+        if rows_ND.shape[1] != stack.gate_up_E2FD.shape[2]:
             raise SlotError(
-                "rows", f"hidden size {rows_ND.shape[1]}, the experts here take {gate_up.shape[2]}"
+                "rows",
+                f"hidden size {rows_ND.shape[1]}, the experts here take {stack.gate_up_E2FD.shape[2]}",
             )
-        rows = rows_ND.to(self.device, gate_up.dtype)
-        counts_E = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        rows = rows_ND.to(self.device, stack.gate_up_E2FD.dtype)
+        weights = weights_N.to(self.device, torch.float32)
+        counts_E = torch.zeros(len(stack.experts), dtype=torch.int64)
+        counts_E[positions] = torch.tensor(counts, dtype=torch.int64)
+        order = None  # rows arrive grouped in `experts` order; the stack wants ascending positions
+        if any(a > b for a, b in zip(positions, positions[1:], strict=False)):
+            starts = [0, *itertools.accumulate(counts)]
+            ranked = sorted(range(len(experts)), key=positions.__getitem__)
+            order = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in ranked]).to(self.device)
+            rows, weights = rows[order], weights[order]
         with torch.no_grad():
-            out = ops.grouped_swiglu(rows, counts_E, gate_up, down, weights_N.to(self.device, torch.float32))
+            out = ops.grouped_swiglu(
+                rows, counts_E.to(self.device), stack.gate_up_E2FD, stack.down_EDF, weights
+            )
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)
         with self._lock:
             for expert, count in zip(experts, counts, strict=True):
                 self.tokens[(layer, expert)] += count

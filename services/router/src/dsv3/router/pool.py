@@ -204,9 +204,7 @@ class ShardPool:
     ) -> torch.Tensor:
         """The weighted expert outputs of rows grouped by expert (counts_E per layer-wide expert)."""
         out = torch.empty_like(rows_ND)
-        starts = [0]
-        for c in counts_E:
-            starts.append(starts[-1] + c)
+        counts = torch.tensor(counts_E, dtype=torch.int64)
         pending = [e for e, c in enumerate(counts_E) if c > 0]
         exclude: set[str] = set()
         while pending:
@@ -217,13 +215,20 @@ class ShardPool:
                 shard = self._choose(layer, e, counts_E[e], load, exclude)
                 groups.setdefault(shard.address, []).append(e)
                 shards[shard.address] = shard
+            # each row's shard (by its expert); rows are grouped by ascending expert, and so is each
+            # shard's list of experts, so a shard's rows are the ones marked with its number, in order
+            owner_E = torch.full((len(counts_E),), -1, dtype=torch.int64)
+            for number, experts in enumerate(groups.values()):
+                owner_E[experts] = number
+            owner_N = owner_E.repeat_interleave(counts)
+            indices = [(owner_N == number).nonzero().squeeze(1) for number in range(len(groups))]
             calls = [
-                self._call(shards[a], layer, experts, counts_E, starts, rows_ND, weights_N)
-                for a, experts in groups.items()
+                self._call(shards[a], layer, experts, counts_E, index, rows_ND, weights_N)
+                for (a, experts), index in zip(groups.items(), indices, strict=True)
             ]
             results = await asyncio.gather(*calls, return_exceptions=True)
             pending = []
-            for (address, experts), result in zip(groups.items(), results, strict=True):
+            for (address, experts), index, result in zip(groups.items(), indices, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, grpc.RpcError):
                         raise result
@@ -234,10 +239,8 @@ class ShardPool:
                     exclude.add(address)
                     pending += experts
                     continue
-                offset = 0
-                for e in experts:
-                    out[starts[e] : starts[e + 1]] = result[offset : offset + counts_E[e]]
-                    offset += counts_E[e]
+                out.index_copy_(0, index, result)
+            pending.sort()  # re-sent experts keep the ascending order the grouping relies on
         return out
 
     async def _call(
@@ -246,11 +249,10 @@ class ShardPool:
         layer: int,
         experts: list[int],
         counts_E: list[int],
-        starts: list[int],
+        index: torch.Tensor,
         rows_ND: torch.Tensor,
         weights_N: torch.Tensor,
     ) -> torch.Tensor:
-        index = torch.cat([torch.arange(starts[e], starts[e + 1]) for e in experts])
         rows = rows_ND.index_select(0, index)
         request = expert_pb2.ComputeRequest(
             layer=layer,

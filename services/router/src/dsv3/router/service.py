@@ -32,7 +32,7 @@ from dsv3.router.placement import balancedness
 from dsv3.router.pool import ExpertUnavailable, LoadSpec, ShardPool
 from dsv3.router.remote import attach, mtp_layers
 from dsv3.rpc.v1 import expert_pb2, router_pb2, router_pb2_grpc
-from dsv3.serving import registry, telemetry, tensor_codec
+from dsv3.serving import registry, telemetry, tensor_codec, threads
 from dsv3.serving.server import ServiceServer
 from dsv3.serving.server import serve as serve_forever
 from dsv3.tokenizer import Tokenizer, load_tokenizer, model_tokenizer
@@ -228,7 +228,11 @@ def _load_tokenizer(config: RouterConfig, vocab_size: int) -> Tokenizer:
 async def serve(config: RouterConfig) -> None:
     telemetry.setup("dsv3-router")
     telemetry.trace_in_handler(GENERATE)  # one span per stream, not the interceptor's per message
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    # the model thread keeps torch's threads; the event loop (shard fan-out, encoding) runs on one
+    executor = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="model", initializer=threads.use_for_compute
+    )
+    threads.use_for_bookkeeping()
     loop = asyncio.get_running_loop()
     model, layers = await loop.run_in_executor(executor, _load_model, config)
     mc = model.config
