@@ -173,7 +173,7 @@ class SlotStore:
         counts_E = torch.zeros(len(stack.experts), dtype=torch.int64)
         counts_E[positions] = torch.tensor(counts, dtype=torch.int64)
         order = None  # rows arrive grouped in `experts` order; the stack wants ascending positions
-        if any(a > b for a, b in zip(positions, positions[1:], strict=False)):
+        if any(a > b for a, b in itertools.pairwise(positions)):
             starts = [0, *itertools.accumulate(counts)]
             ranked = sorted(range(len(experts)), key=positions.__getitem__)
             order = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in ranked]).to(self.device)
