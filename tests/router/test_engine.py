@@ -92,3 +92,32 @@ def test_eos_ends_a_request_unless_ignored(debug_model) -> None:
     (a, reason_a), (b, reason_b) = asyncio.run(main())
     assert (a, reason_a) == (plain[:cut], "stop")
     assert (b, reason_b) == (plain, "length")
+
+
+def test_decode_steps_run_on_decode_threads_prefills_on_all(debug_model) -> None:
+    from dsv3.serving import threads
+
+    seen: list[tuple[int, int]] = []  # (tokens in the step, torch threads it ran with)
+    hook = debug_model.lm_head.register_forward_hook(
+        lambda module, args, out: seen.append((args[0].shape[0], torch.get_num_threads()))
+    )
+    prompts = [[5, 6, 7], [8, 9]]
+    expected = [generate(debug_model, torch.tensor([p]), 4)[0, len(p) :].tolist() for p in prompts]
+    seen.clear()
+
+    async def main() -> list[list[int]]:
+        executor = ThreadPoolExecutor(1, initializer=threads.use_for_compute)
+        engine = Engine(debug_model, max_batch=2, max_length=16, executor=executor, decode_threads=1)
+        runner = asyncio.create_task(engine.run())
+        requests = [engine.submit(p, SamplingParams(4)) for p in prompts]
+        out = await asyncio.wait_for(asyncio.gather(*(_collect(engine, r) for r in requests)), 60)
+        runner.cancel()
+        return out
+
+    try:
+        assert asyncio.run(main()) == expected
+    finally:
+        hook.remove()
+    assert seen[0][1] == threads.compute_threads()  # the prefill: all of them
+    assert {n for _, n in seen[1:]} == {1}  # every decode step: decode_threads
+    assert len(seen) == 4  # one prefill, three decode steps for both requests together

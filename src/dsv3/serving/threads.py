@@ -12,7 +12,12 @@ single-threaded (its work is small: copies and bookkeeping).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 _compute_threads: int | None = None
 
@@ -35,3 +40,13 @@ def use_for_bookkeeping() -> None:
     """Call on an event loop or helper thread that only moves tensors: no OpenMP team of its own."""
     compute_threads()
     torch.set_num_threads(1)
+
+
+def running_with(threads: int, fn: Callable[[], T]) -> Callable[[], T]:
+    """`fn` run with `threads` intra-op threads on the calling thread (0: the compute count)."""
+
+    def run() -> T:
+        torch.set_num_threads(threads or compute_threads())
+        return fn()
+
+    return run

@@ -31,6 +31,10 @@ class RouterConfig:
         True  # MTP speculative decoding when the checkpoint has MTP layers (--speculative off)
     )
     max_batch: int = 64  # sequences decoded together
+    # torch threads of a decode step; 0: all (OMP_NUM_THREADS), as prefill steps get. A decode step is
+    # small and waits on the shards between layers: on a CPU whose cores the shards share, an OpenMP
+    # team's barriers stall on descheduled workers (batch-64 decode 1.3x faster on 1 thread than 2)
+    decode_threads: int = 1
     max_length: int = 0  # context per sequence (prompt + new tokens); 0: min(max_position_embeddings, 4096)
     shard_timeout_seconds: float = 10.0  # deadline of one Compute call
     load_timeout_seconds: float = 300.0  # deadline of one LoadSlots call
@@ -65,6 +69,8 @@ class RouterConfig:
             raise ValueError(f"load_window_seconds must be > 0, got {self.load_window_seconds}")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0 (0: all), got {self.decode_threads}")
         if self.max_batch < 1 or self.max_length < 0:
             raise ValueError("max_batch must be >= 1 and max_length >= 0")
         for name in (

@@ -21,6 +21,7 @@ import torch
 from dsv3.model import DeepSeekV3
 from dsv3.router import tracing
 from dsv3.router.batched import SlotCache, step
+from dsv3.serving import threads
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,11 @@ class Engine:
         executor: Executor,
         eos_id: int | None = None,
         speculative: bool = False,
+        decode_threads: int = 0,
     ) -> None:
         """`eos_id`: the tokenizer's end of sequence; sampling it ends a request unless `ignore_eos`.
-        `speculative`: decode with MTP drafts (`speculative.py`) when the model has MTP layers."""
+        `speculative`: decode with MTP drafts (`speculative.py`) when the model has MTP layers.
+        `decode_threads`: torch intra-op threads of a decode step (0: as many as a prefill gets)."""
         self.model = model
         self.eos_id = eos_id
         self.max_length = max_length
@@ -133,6 +136,7 @@ class Engine:
 
             self.speculator = Speculator(model, self.cache)
         self.executor = executor
+        self.decode_threads = decode_threads
         self.waiting: list[Request] = []
         self.active: list[Request] = []
         self.wake = asyncio.Event()
@@ -199,24 +203,30 @@ class Engine:
     def _sample_all(self, logits_BV: torch.Tensor, requests: list[Request]) -> list[int]:
         return sample_rows(logits_BV, [r.params for r in requests], [r.generator for r in requests])
 
-    async def _in_model_thread(self, name: str, requests: list[Request], work: Callable[[], T]) -> T:
-        """Run `work` on the model thread, as a span of the requests' traces when tracing is on."""
+    async def _in_model_thread(
+        self, name: str, requests: list[Request], work: Callable[[], T], decoding: bool = False
+    ) -> T:
+        """Run `work` on the model thread, as a span of the requests' traces when tracing is on; a
+        decode step with `decode_threads` intra-op threads, a prefill with all of them."""
+        work = threads.running_with(self.decode_threads if decoding else 0, work)
         traced = tracing.in_step(
             name, [r.trace for r in requests if r.trace is not None], len(requests), work
         )
         return await asyncio.get_running_loop().run_in_executor(self.executor, traced)
 
-    async def _run_step(self, requests: list[Request], token_lists: list[list[int]]) -> list[int]:
+    async def _run_step(
+        self, requests: list[Request], token_lists: list[list[int]], decoding: bool
+    ) -> list[int]:
         def work() -> list[int]:
             logits = step(self.model, self.cache, [r.slot for r in requests], token_lists)
             return self._sample_all(logits, requests)
 
-        return await self._in_model_thread("router.step", requests, work)
+        return await self._in_model_thread("router.step", requests, work, decoding)
 
     async def _prefill(self, requests: list[Request]) -> list[int]:
         """Every joining prompt's first token (and, speculating, its first draft)."""
         if self.speculator is None:
-            return await self._run_step(requests, [r.prompt for r in requests])
+            return await self._run_step(requests, [r.prompt for r in requests], decoding=False)
         speculator = self.speculator
 
         def work() -> list[int]:
@@ -242,7 +252,7 @@ class Engine:
 
     async def _decode_tokens(self, requests: list[Request]) -> list[list[int]]:
         if self.speculator is None:
-            tokens = await self._run_step(requests, [[r.generated[-1]] for r in requests])
+            tokens = await self._run_step(requests, [[r.generated[-1]] for r in requests], decoding=True)
             return [[t] for t in tokens]
         from dsv3.router.speculative import Row
 
@@ -262,7 +272,7 @@ class Engine:
         def work():
             return speculator.decode(rows)
 
-        outcomes = await self._in_model_thread("router.decode", requests, work)
+        outcomes = await self._in_model_thread("router.decode", requests, work, decoding=True)
         for request, outcome in zip(requests, outcomes, strict=True):
             request.draft = outcome.draft
             request.drafted += outcome.drafted

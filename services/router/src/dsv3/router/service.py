@@ -82,7 +82,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                         .cpu()
                     )
 
-            logits = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+            logits = await asyncio.get_running_loop().run_in_executor(
+                self.executor, threads.running_with(0, work)
+            )
         except Exception as exc:
             await self._abort_for(context, exc)
         return router_pb2.ForwardResponse(logits=tensor_codec.encode(logits))
@@ -274,7 +276,13 @@ async def serve(config: RouterConfig) -> None:
     attach(layers, pool, loop)
     max_length = config.max_length or min(mc.max_position_embeddings, 4096)
     engine = Engine(
-        model, config.max_batch, max_length, executor, eos_id=tokenizer.eos_id, speculative=speculative
+        model,
+        config.max_batch,
+        max_length,
+        executor,
+        eos_id=tokenizer.eos_id,
+        speculative=speculative,
+        decode_threads=config.decode_threads,
     )
     log.info("speculative decoding (MTP drafts): %s", "on" if speculative else "off")
     servicer = RouterServicer(engine, pool, executor)
