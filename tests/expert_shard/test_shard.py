@@ -196,6 +196,46 @@ def test_bad_requests_name_the_field(shard, hf_dir) -> None:
     assert proc.process.poll() is None
 
 
+def test_compute_stream_answers_in_order_and_survives_refusals(shard, model, hf_dir) -> None:
+    """One stream, several requests: each answered in its turn; a refused one gets `error` (the code
+    unary Compute would abort with, the field named) and the stream goes on."""
+    _, stub = shard
+    _load_hf(stub, hf_dir, (2, 4), (2, 5))
+    torch.manual_seed(3)
+    batches = [(torch.randn(n, 64), torch.rand(n)) for n in (1, 4, 7)]
+
+    def request(rows, weights, experts=(5, 4), counts=None):
+        counts = counts or [rows.shape[0] // 2, rows.shape[0] - rows.shape[0] // 2]
+        return expert_pb2.ComputeRequest(
+            layer=2,
+            experts=list(experts),
+            counts=counts,
+            rows=tensor_codec.encode(rows),
+            row_weights=tensor_codec.encode(weights),
+        )
+
+    requests = [
+        request(*batches[0]),
+        request(batches[1][0], batches[1][1][:3]),  # row_weights of the wrong length
+        request(*batches[1]),
+        request(batches[2][0], batches[2][1], experts=(5, 9)),  # (2, 9) is not held here
+        request(*batches[2]),
+    ]
+    replies = list(stub.ComputeStream(iter(requests), timeout=30))
+    assert len(replies) == len(requests)
+    assert replies[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert replies[1].error.message.startswith("row_weights")
+    assert replies[3].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "layer 2, expert 9" in replies[3].error.message
+    for reply, (rows, weights) in zip([replies[0], replies[2], replies[4]], batches, strict=True):
+        assert not reply.HasField("error")
+        counts = [rows.shape[0] // 2, rows.shape[0] - rows.shape[0] // 2]
+        with torch.no_grad():
+            expected = _expected(model, 2, [5, 4], counts, rows, weights)
+        assert (tensor_codec.decode(reply.rows) - expected).abs().max().item() <= 1e-6
+    stub.DropSlots(expert_pb2.DropSlotsRequest(slots=_slots((2, 4), (2, 5))), timeout=5)
+
+
 def test_loads_only_its_experts_from_the_checkpoint_service(spawn, model, tmp_path) -> None:
     from dsv3.checkpoint import CheckpointClient
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dsv3.rpc.v1 import tensor_pb2 as dsv3_dot_rpc_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64sv3/rpc/v1/expert.proto\x12\x0b\x64sv3.rpc.v1\x1a\x18\x64sv3/rpc/v1/tensor.proto\"\'\n\x06SlotId\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\x8d\x01\n\x0e\x43omputeRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x03\x12!\n\x04rows\x18\x04 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\x12(\n\x0brow_weights\x18\x05 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"4\n\x0f\x43omputeResponse\x12!\n\x04rows\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"!\n\x11HfDirectorySource\x12\x0c\n\x04path\x18\x01 \x01(\t\"=\n\x10\x43heckpointSource\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06latest\x18\x03 \x01(\x08\"\x84\x02\n\x10LoadSlotsRequest\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\x12\x36\n\x0chf_directory\x18\x02 \x01(\x0b\x32\x1e.dsv3.rpc.v1.HfDirectorySourceH\x00\x12\x33\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1d.dsv3.rpc.v1.CheckpointSourceH\x00\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x1d\n\x15moe_intermediate_size\x18\x05 \x01(\x05\x12!\n\x05\x64type\x18\x06 \x01(\x0e\x32\x12.dsv3.rpc.v1.DTypeB\x08\n\x06source\"8\n\x11LoadSlotsResponse\x12#\n\x06loaded\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\"6\n\x10\x44ropSlotsRequest\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\"9\n\x11\x44ropSlotsResponse\x12$\n\x07\x64ropped\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\"\x14\n\x12ShardStatusRequest\"?\n\nSlotStatus\x12!\n\x04slot\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.SlotId\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\"a\n\x13ShardStatusResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12&\n\x05slots\x18\x03 \x03(\x0b\x32\x17.dsv3.rpc.v1.SlotStatus2\xbf\x02\n\x12\x45xpertShardService\x12\x44\n\x07\x43ompute\x12\x1b.dsv3.rpc.v1.ComputeRequest\x1a\x1c.dsv3.rpc.v1.ComputeResponse\x12J\n\tLoadSlots\x12\x1d.dsv3.rpc.v1.LoadSlotsRequest\x1a\x1e.dsv3.rpc.v1.LoadSlotsResponse\x12J\n\tDropSlots\x12\x1d.dsv3.rpc.v1.DropSlotsRequest\x1a\x1e.dsv3.rpc.v1.DropSlotsResponse\x12K\n\x06Status\x12\x1f.dsv3.rpc.v1.ShardStatusRequest\x1a .dsv3.rpc.v1.ShardStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64sv3/rpc/v1/expert.proto\x12\x0b\x64sv3.rpc.v1\x1a\x18\x64sv3/rpc/v1/tensor.proto\"\'\n\x06SlotId\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"\x8d\x01\n\x0e\x43omputeRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x03\x12!\n\x04rows\x18\x04 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\x12(\n\x0brow_weights\x18\x05 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\"^\n\x0f\x43omputeResponse\x12!\n\x04rows\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.Tensor\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.dsv3.rpc.v1.ComputeError\"-\n\x0c\x43omputeError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"!\n\x11HfDirectorySource\x12\x0c\n\x04path\x18\x01 \x01(\t\"=\n\x10\x43heckpointSource\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0e\n\x06latest\x18\x03 \x01(\x08\"\x84\x02\n\x10LoadSlotsRequest\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\x12\x36\n\x0chf_directory\x18\x02 \x01(\x0b\x32\x1e.dsv3.rpc.v1.HfDirectorySourceH\x00\x12\x33\n\ncheckpoint\x18\x03 \x01(\x0b\x32\x1d.dsv3.rpc.v1.CheckpointSourceH\x00\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x1d\n\x15moe_intermediate_size\x18\x05 \x01(\x05\x12!\n\x05\x64type\x18\x06 \x01(\x0e\x32\x12.dsv3.rpc.v1.DTypeB\x08\n\x06source\"8\n\x11LoadSlotsResponse\x12#\n\x06loaded\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\"6\n\x10\x44ropSlotsRequest\x12\"\n\x05slots\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\"9\n\x11\x44ropSlotsResponse\x12$\n\x07\x64ropped\x18\x01 \x03(\x0b\x32\x13.dsv3.rpc.v1.SlotId\"\x14\n\x12ShardStatusRequest\"?\n\nSlotStatus\x12!\n\x04slot\x18\x01 \x01(\x0b\x32\x13.dsv3.rpc.v1.SlotId\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\"a\n\x13ShardStatusResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12&\n\x05slots\x18\x03 \x03(\x0b\x32\x17.dsv3.rpc.v1.SlotStatus2\x8f\x03\n\x12\x45xpertShardService\x12\x44\n\x07\x43ompute\x12\x1b.dsv3.rpc.v1.ComputeRequest\x1a\x1c.dsv3.rpc.v1.ComputeResponse\x12N\n\rComputeStream\x12\x1b.dsv3.rpc.v1.ComputeRequest\x1a\x1c.dsv3.rpc.v1.ComputeResponse(\x01\x30\x01\x12J\n\tLoadSlots\x12\x1d.dsv3.rpc.v1.LoadSlotsRequest\x1a\x1e.dsv3.rpc.v1.LoadSlotsResponse\x12J\n\tDropSlots\x12\x1d.dsv3.rpc.v1.DropSlotsRequest\x1a\x1e.dsv3.rpc.v1.DropSlotsResponse\x12K\n\x06Status\x12\x1f.dsv3.rpc.v1.ShardStatusRequest\x1a .dsv3.rpc.v1.ShardStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,25 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPUTEREQUEST']._serialized_start=109
   _globals['_COMPUTEREQUEST']._serialized_end=250
   _globals['_COMPUTERESPONSE']._serialized_start=252
-  _globals['_COMPUTERESPONSE']._serialized_end=304
-  _globals['_HFDIRECTORYSOURCE']._serialized_start=306
-  _globals['_HFDIRECTORYSOURCE']._serialized_end=339
-  _globals['_CHECKPOINTSOURCE']._serialized_start=341
-  _globals['_CHECKPOINTSOURCE']._serialized_end=402
-  _globals['_LOADSLOTSREQUEST']._serialized_start=405
-  _globals['_LOADSLOTSREQUEST']._serialized_end=665
-  _globals['_LOADSLOTSRESPONSE']._serialized_start=667
-  _globals['_LOADSLOTSRESPONSE']._serialized_end=723
-  _globals['_DROPSLOTSREQUEST']._serialized_start=725
-  _globals['_DROPSLOTSREQUEST']._serialized_end=779
-  _globals['_DROPSLOTSRESPONSE']._serialized_start=781
-  _globals['_DROPSLOTSRESPONSE']._serialized_end=838
-  _globals['_SHARDSTATUSREQUEST']._serialized_start=840
-  _globals['_SHARDSTATUSREQUEST']._serialized_end=860
-  _globals['_SLOTSTATUS']._serialized_start=862
-  _globals['_SLOTSTATUS']._serialized_end=925
-  _globals['_SHARDSTATUSRESPONSE']._serialized_start=927
-  _globals['_SHARDSTATUSRESPONSE']._serialized_end=1024
-  _globals['_EXPERTSHARDSERVICE']._serialized_start=1027
-  _globals['_EXPERTSHARDSERVICE']._serialized_end=1346
+  _globals['_COMPUTERESPONSE']._serialized_end=346
+  _globals['_COMPUTEERROR']._serialized_start=348
+  _globals['_COMPUTEERROR']._serialized_end=393
+  _globals['_HFDIRECTORYSOURCE']._serialized_start=395
+  _globals['_HFDIRECTORYSOURCE']._serialized_end=428
+  _globals['_CHECKPOINTSOURCE']._serialized_start=430
+  _globals['_CHECKPOINTSOURCE']._serialized_end=491
+  _globals['_LOADSLOTSREQUEST']._serialized_start=494
+  _globals['_LOADSLOTSREQUEST']._serialized_end=754
+  _globals['_LOADSLOTSRESPONSE']._serialized_start=756
+  _globals['_LOADSLOTSRESPONSE']._serialized_end=812
+  _globals['_DROPSLOTSREQUEST']._serialized_start=814
+  _globals['_DROPSLOTSREQUEST']._serialized_end=868
+  _globals['_DROPSLOTSRESPONSE']._serialized_start=870
+  _globals['_DROPSLOTSRESPONSE']._serialized_end=927
+  _globals['_SHARDSTATUSREQUEST']._serialized_start=929
+  _globals['_SHARDSTATUSREQUEST']._serialized_end=949
+  _globals['_SLOTSTATUS']._serialized_start=951
+  _globals['_SLOTSTATUS']._serialized_end=1014
+  _globals['_SHARDSTATUSRESPONSE']._serialized_start=1016
+  _globals['_SHARDSTATUSRESPONSE']._serialized_end=1113
+  _globals['_EXPERTSHARDSERVICE']._serialized_start=1116
+  _globals['_EXPERTSHARDSERVICE']._serialized_end=1515
 # @@protoc_insertion_point(module_scope)

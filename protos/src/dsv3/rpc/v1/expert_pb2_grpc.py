@@ -39,6 +39,11 @@ class ExpertShardServiceStub:
                 request_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeResponse.FromString,
                 _registered_method=True)
+        self.ComputeStream = channel.stream_stream(
+                '/dsv3.rpc.v1.ExpertShardService/ComputeStream',
+                request_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeRequest.SerializeToString,
+                response_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeResponse.FromString,
+                _registered_method=True)
         self.LoadSlots = channel.unary_unary(
                 '/dsv3.rpc.v1.ExpertShardService/LoadSlots',
                 request_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.LoadSlotsRequest.SerializeToString,
@@ -63,6 +68,16 @@ class ExpertShardServiceServicer:
         """One MoE layer's rows for this shard, grouped by slot (in `slots` order), with each row's combine
         weight; returns the weighted expert outputs in the same row order. One call per shard per MoE layer
         per forward step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ComputeStream(self, request_iterator, context):
+        """Compute over one long-lived bidirectional stream: every request message is answered by one
+        response message, in order. The router's hot path: a message on an open stream skips the per-call
+        headers, deadline and HTTP/2 stream setup (about 0.35 ms less per round trip on loopback). A request
+        the shard refuses is answered with `error` set, and the stream stays open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +108,11 @@ def add_ExpertShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Compute': grpc.unary_unary_rpc_method_handler(
                     servicer.Compute,
+                    request_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeRequest.FromString,
+                    response_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeResponse.SerializeToString,
+            ),
+            'ComputeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeStream,
                     request_deserializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeRequest.FromString,
                     response_serializer=dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeResponse.SerializeToString,
             ),
@@ -137,6 +157,33 @@ class ExpertShardService:
             request,
             target,
             '/dsv3.rpc.v1.ExpertShardService/Compute',
+            dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeRequest.SerializeToString,
+            dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/dsv3.rpc.v1.ExpertShardService/ComputeStream',
             dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeRequest.SerializeToString,
             dsv3_dot_rpc_dot_v1_dot_expert__pb2.ComputeResponse.FromString,
             options,

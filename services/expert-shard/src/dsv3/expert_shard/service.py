@@ -57,18 +57,21 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
         self.rows_computed = meter.create_counter("dsv3_shard_rows", description="rows computed, per layer")
         self.compute_time = meter.create_histogram("dsv3_shard_compute_duration", unit="s")
 
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    @staticmethod
+    def _code(exc: Exception) -> grpc.StatusCode:
         if isinstance(exc, SlotNotLoaded):
-            code = grpc.StatusCode.FAILED_PRECONDITION
-        elif isinstance(exc, CapacityError):
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        elif isinstance(exc, SlotError | WeightSourceError):
-            code = grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            code = grpc.StatusCode.NOT_FOUND if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
-        await context.abort(code, str(exc))
+            return grpc.StatusCode.FAILED_PRECONDITION
+        if isinstance(exc, CapacityError):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+        if isinstance(exc, SlotError | WeightSourceError):
+            return grpc.StatusCode.INVALID_ARGUMENT
+        return grpc.StatusCode.NOT_FOUND if isinstance(exc, grpc.RpcError) else grpc.StatusCode.INTERNAL
 
-    async def Compute(self, request, context):
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        await context.abort(self._code(exc), str(exc))
+
+    async def _compute(self, request: expert_pb2.ComputeRequest) -> expert_pb2.ComputeResponse:
+        """One request's rows through the slots; raises SlotError (naming the field) when it does not fit."""
         started = time.perf_counter()
         try:
             rows = _decode("rows", request.rows)
@@ -80,12 +83,26 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
                 out = await asyncio.get_running_loop().run_in_executor(
                     self.compute_pool, self.store.compute, *args
                 )
-        except (SlotError, ValueError) as exc:
-            await self._fail(context, exc if isinstance(exc, SlotError) else SlotError("rows", str(exc)))
+        except ValueError as exc:
+            raise exc if isinstance(exc, SlotError) else SlotError("rows", str(exc)) from None
         layer = {"layer": str(request.layer)}
         self.rows_computed.add(rows.shape[0], layer)
         self.compute_time.record(time.perf_counter() - started, layer)
         return expert_pb2.ComputeResponse(rows=tensor_codec.encode(out))
+
+    async def Compute(self, request, context):
+        try:
+            return await self._compute(request)
+        except SlotError as exc:
+            await self._fail(context, exc)
+
+    async def ComputeStream(self, request_iterator, context):
+        async for request in request_iterator:
+            try:
+                yield await self._compute(request)
+            except SlotError as exc:  # refused, answered in order; the stream goes on
+                error = expert_pb2.ComputeError(code=self._code(exc).value[0], message=str(exc))
+                yield expert_pb2.ComputeResponse(error=error)
 
     async def LoadSlots(self, request, context):
         try:
@@ -138,6 +155,8 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
 
 async def serve(config: ShardConfig) -> None:
     telemetry.setup("dsv3-expert-shard")
+    # a stream lives as long as its router: no server span for it (sampled steps use unary Compute)
+    telemetry.trace_in_handler(f"/{SERVICE_NAME}/ComputeStream")
     telemetry.serve_metrics(config.metrics_port)
     store = SlotStore(config.capacity, config.device)
     servicer = ExpertShardServicer(config, store)

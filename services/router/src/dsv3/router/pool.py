@@ -2,11 +2,13 @@
 
 Everything here runs on the router's event loop. `compute` is one MoE layer of one forward step: each
 chosen expert goes to one live replica (least outstanding rows), the rows are grouped per shard, every
-involved shard gets one `Compute` call, all concurrently. A shard that fails or times out is marked
-down and its rows are re-sent to other replicas within the same step; with no replica left the step
-fails with `ExpertUnavailable` naming (layer, expert). A down shard is health-checked until it answers,
-then a re-plan gives it slots again (a restarted shard comes back empty); losing it re-plans over the
-others at once, so its copies are re-created there. Placement itself lives in `dsv3.router.rebalance`.
+involved shard gets one `Compute` request, all concurrently, as a message on that shard's open
+`ComputeStream` (`compute_stream.py`; a traced step uses unary `Compute` calls instead). A shard that
+fails or times out is marked down and its rows are re-sent to other replicas within the same step;
+with no replica left the step fails with `ExpertUnavailable` naming (layer, expert). A down shard is
+health-checked until it answers, then a re-plan gives it slots again (a restarted shard comes back
+empty); losing it re-plans over the others at once, so its copies are re-created there. Placement
+itself lives in `dsv3.router.rebalance`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dsv3.router import tracing
+from dsv3.router.compute_stream import ComputeStream, rpc_error
 from dsv3.router.placement import Slot
 from dsv3.router.rebalance import Change, Placer
 from dsv3.rpc.v1 import expert_pb2, expert_pb2_grpc
 from dsv3.serving import tensor_codec
 
 log = logging.getLogger(__name__)
+COMPUTE = "/dsv3.rpc.v1.ExpertShardService/Compute"
 
 
 class ExpertUnavailable(RuntimeError):
@@ -43,6 +47,7 @@ class Shard:
     channel: grpc.aio.Channel
     stub: expert_pb2_grpc.ExpertShardServiceStub
     health: health_pb2_grpc.HealthStub
+    stream: ComputeStream  # the Compute hot path (unary Compute only for traced calls)
     shard_id: str = ""
     capacity: int = 0
     live: bool = False  # routed to (has its slots of the current map)
@@ -125,11 +130,9 @@ class ShardPool:
 
     def _connect(self, address: str) -> Shard:
         channel = grpc.aio.insecure_channel(address, options=self.options)  # traced per call: tracing.py
+        stub = expert_pb2_grpc.ExpertShardServiceStub(channel)
         return Shard(
-            address,
-            channel,
-            expert_pb2_grpc.ExpertShardServiceStub(channel),
-            health_pb2_grpc.HealthStub(channel),
+            address, channel, stub, health_pb2_grpc.HealthStub(channel), ComputeStream(stub, address)
         )
 
     async def set_members(self, addresses: set[str], forget_missing: bool) -> None:
@@ -150,6 +153,7 @@ class ShardPool:
             shard.live = False
             log.info("shard %s left", address)
             with contextlib.suppress(Exception):
+                await shard.stream.aclose()
                 await shard.channel.close()
         if joined or left:
             await self.replan("shards joined" if joined else "shards left")
@@ -163,6 +167,7 @@ class ShardPool:
             log.warning("shard %s marked down", shard.address)
         was_healthy = shard.healthy
         shard.live = shard.healthy = False
+        shard.stream.close(f"shard {shard.address} marked down")
         if was_healthy and self.shards.get(shard.address) is shard:
             self.placer.soon("shard lost")  # re-create its copies on the others
         if shard.address not in self._revive or self._revive[shard.address].done():
@@ -184,6 +189,7 @@ class ShardPool:
                 task.cancel()
         for shard in self.shards.values():
             with contextlib.suppress(Exception):
+                await shard.stream.aclose()
                 await shard.channel.close()
 
     # ---- the data path ---------------------------------------------------------------------------
@@ -222,9 +228,14 @@ class ShardPool:
                 owner_E[experts] = number
             owner_N = owner_E.repeat_interleave(counts)
             indices = [(owner_N == number).nonzero().squeeze(1) for number in range(len(groups))]
+            # every request encoded before the first is sent: the sends then go out back to back
+            requests = [
+                _request(layer, experts, counts_E, index, rows_ND, weights_N)
+                for experts, index in zip(groups.values(), indices, strict=True)
+            ]
             calls = [
-                self._call(shards[a], layer, experts, counts_E, index, rows_ND, weights_N)
-                for (a, experts), index in zip(groups.items(), indices, strict=True)
+                self._call(shards[a], request, (index.numel(), rows_ND.shape[1]))
+                for a, request, index in zip(groups, requests, indices, strict=True)
             ]
             results = await asyncio.gather(*calls, return_exceptions=True)
             pending = []
@@ -244,37 +255,40 @@ class ShardPool:
         return out
 
     async def _call(
-        self,
-        shard: Shard,
-        layer: int,
-        experts: list[int],
-        counts_E: list[int],
-        index: torch.Tensor,
-        rows_ND: torch.Tensor,
-        weights_N: torch.Tensor,
+        self, shard: Shard, request: expert_pb2.ComputeRequest, shape: tuple[int, int]
     ) -> torch.Tensor:
-        rows = rows_ND.index_select(0, index)
-        request = expert_pb2.ComputeRequest(
-            layer=layer,
-            experts=experts,
-            counts=[counts_E[e] for e in experts],
-            rows=tensor_codec.encode(rows),
-            row_weights=tensor_codec.encode(weights_N.index_select(0, index).float()),
-        )
-        shard.outstanding += rows.shape[0]
+        shard.outstanding += shape[0]
         shard.calls += 1
         try:
-            with tracing.client_call("/dsv3.rpc.v1.ExpertShardService/Compute", shard.address) as metadata:
-                reply = await shard.stub.Compute(request, timeout=self.timeout, metadata=metadata)
+            if tracing.recording():  # a sampled step: one traced call, its span a child of the layer's
+                with tracing.client_call(COMPUTE, shard.address) as metadata:
+                    reply = await shard.stub.Compute(request, timeout=self.timeout, metadata=metadata)
+            else:
+                reply = await shard.stream.compute(request, self.timeout)
         finally:
-            shard.outstanding -= rows.shape[0]
-        shard.rows_sent += rows.shape[0]
+            shard.outstanding -= shape[0]
+        shard.rows_sent += shape[0]
         result = tensor_codec.decode(reply.rows)
-        if tuple(result.shape) != tuple(rows.shape):
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.INTERNAL,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                f"shard returned {list(result.shape)} rows for {list(rows.shape)}",
+        if tuple(result.shape) != shape:
+            raise rpc_error(
+                grpc.StatusCode.INTERNAL, f"shard returned {list(result.shape)} rows for {list(shape)}"
             )
         return result
+
+
+def _request(
+    layer: int,
+    experts: list[int],
+    counts_E: list[int],
+    index: torch.Tensor,
+    rows_ND: torch.Tensor,
+    weights_N: torch.Tensor,
+) -> expert_pb2.ComputeRequest:
+    """One shard's share of a layer: its experts' rows (`index`), with their combine weights."""
+    return expert_pb2.ComputeRequest(
+        layer=layer,
+        experts=experts,
+        counts=[counts_E[e] for e in experts],
+        rows=tensor_codec.encode(rows_ND.index_select(0, index)),
+        row_weights=tensor_codec.encode(weights_N.index_select(0, index).float()),
+    )

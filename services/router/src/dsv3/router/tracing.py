@@ -8,7 +8,9 @@
   it fans out on the event loop run in its context, so their gRPC client spans (and the shards' server
   spans, through `traceparent` metadata) are its children. The hot `Compute` calls are traced here,
   per call, rather than by a channel interceptor: grpc.aio's interceptor pipeline alone cost ~8% of
-  decode tokens/s (benchmarks/bench_tracing.py), and an unsampled call needs only its `traceparent`.
+  decode tokens/s (benchmarks/bench_tracing.py). Only a sampled step's shard work goes through unary
+  `Compute` calls, which carry the trace in their metadata; every other step uses the shards' open
+  `ComputeStream`s, whose messages carry none (so the shards see no span for them).
 
 With tracing off (no exporter configured) every function here is a plain pass-through.
 """
@@ -26,6 +28,15 @@ T = TypeVar("T")
 
 def enabled() -> bool:
     return telemetry.tracing_on()
+
+
+def recording() -> bool:
+    """True inside a sampled span: the shard calls made here are traced (per call, with metadata)."""
+    if not enabled():
+        return False
+    from opentelemetry import trace
+
+    return trace.get_current_span().is_recording()
 
 
 def current() -> Any:
