@@ -2,7 +2,8 @@
 
 A large Compute runs in a worker thread (torch releases the GIL), so health checks and Status stay
 responsive while it computes; a small one (a decode step's rows, well under a millisecond) runs on the
-event loop, where the thread hop would cost more than the work. Starts empty and SERVING;
+event loop, where the thread hop would cost more than the work, when torch runs single-threaded here
+(else every Compute goes to the worker: one OpenMP team per process). Starts empty and SERVING;
 NOT_SERVING while draining on SIGTERM.
 """
 
@@ -50,6 +51,9 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
             max_workers=1, thread_name_prefix="compute", initializer=threads.use_for_compute
         )
         threads.use_for_bookkeeping()
+        # small Computes run on the loop itself, but only while torch is single-threaded here: with
+        # more threads they would give the loop an OpenMP team of its own next to the compute thread's
+        self.inline_elements = INLINE_ELEMENTS if threads.compute_threads() == 1 else 0
         self.load_pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="load", initializer=threads.use_for_bookkeeping
         )
@@ -77,7 +81,7 @@ class ExpertShardServicer(expert_pb2_grpc.ExpertShardServiceServicer):
             rows = _decode("rows", request.rows)
             weights = _decode("row_weights", request.row_weights)
             args = (request.layer, list(request.experts), list(request.counts), rows, weights)
-            if rows.numel() <= INLINE_ELEMENTS:  # a decode step's rows: a thread hop would cost more
+            if rows.numel() <= self.inline_elements:  # a decode step's rows: a hop would cost more
                 out = self.store.compute(*args)
             else:
                 out = await asyncio.get_running_loop().run_in_executor(
