@@ -116,21 +116,13 @@ async def run_in(ctx: Any, coroutine: Awaitable[T]) -> T:
 
 
 @contextlib.contextmanager
-def client_call(method: str, peer: str) -> Iterator[tuple[tuple[str, str], ...] | None]:
-    """Around one shard call: yields the metadata carrying the trace context (None while tracing is
-    off); a CLIENT span (named like the interceptors' ones) only when the current span is sampled."""
-    if not enabled():
-        yield None
-        return
+def client_call(method: str, peer: str) -> Iterator[tuple[tuple[str, str], ...]]:
+    """Around one shard call made inside a sampled span (`recording()`): a CLIENT span (named like the
+    interceptors' ones); yields the metadata carrying its context."""
     from opentelemetry import propagate, trace
 
-    if not trace.get_current_span().is_recording():
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        yield tuple(carrier.items()) or None
-        return
     attributes = {"rpc.system": "grpc", "rpc.method": method.rsplit("/", 1)[-1], "net.peer.name": peer}
     with _tracer().start_as_current_span(method, kind=trace.SpanKind.CLIENT, attributes=attributes):
-        carrier = {}
+        carrier: dict[str, str] = {}
         propagate.inject(carrier)
         yield tuple(carrier.items())
