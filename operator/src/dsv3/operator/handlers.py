@@ -45,6 +45,9 @@ _CHILD_KINDS = (
 )
 
 
+DELETION_WAIT_SECONDS = 0.5  # how often a deletion re-checks for a timer still reconciling
+
+
 @kopf.on.startup()
 def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/operator"
@@ -54,6 +57,11 @@ def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None
     )
     settings.posting.enabled = False  # conditions carry the story; no Event objects
     settings.watching.server_timeout = 60
+    # A deletion that lands while the resync timer is mid-reconcile (a sync handler in a thread) waits
+    # for that timer to exit before the finalizer comes off. Kopf's defaults re-check after 60 s, so
+    # `kubectl delete` hung for a minute whenever the two met; wait for the reconcile itself instead.
+    settings.background.instant_exit_timeout = DELETION_WAIT_SECONDS
+    settings.background.cancellation_polling = DELETION_WAIT_SECONDS
     memo.kube = Kube.from_environment()
 
 
