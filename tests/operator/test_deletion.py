@@ -44,7 +44,9 @@ def test_a_job_deleted_mid_reconcile_is_gone_within_seconds(tmp_path: Path) -> N
         env = {**os.environ, "KUBECONFIG": str(tmp_path / "config")}
 
         def kubectl(*args: str) -> str:
-            run = subprocess.run([tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=60)
+            run = subprocess.run(
+                [tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=60
+            )
             assert run.returncode == 0, f"kubectl {' '.join(args)}: {run.stdout}{run.stderr}"
             return run.stdout
 
