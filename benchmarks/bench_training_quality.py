@@ -60,10 +60,11 @@ def _variants(aux_alphas: list[float], gammas: list[float]) -> list[Variant]:
     ]
 
 
-def _run(variant: Variant, steps: int, tmp: Path, eval_sequences: int) -> dict:
+def _run(variant: Variant, steps: int, tmp: Path, eval_sequences: int, seed: int = 0) -> dict:
+    """One run of the trainer; `seed` sets the initial weights and the order of the batches."""
     config_path = tmp / f"{abs(hash(variant.name))}.json"
     config_path.write_text(json.dumps({**json.loads(CONFIG.read_text()), **variant.model}))
-    out = tmp / f"run-{abs(hash(variant.name))}"
+    out = tmp / f"run-{abs(hash(variant.name))}-{seed}"
     summary = train(
         TrainConfig(
             model=str(config_path),
@@ -77,7 +78,7 @@ def _run(variant: Variant, steps: int, tmp: Path, eval_sequences: int) -> dict:
             eval_sequences=eval_sequences,
             progress="none",
             output_dir=out,
-            seed=0,
+            seed=seed,
         )
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
