@@ -4,8 +4,11 @@ Same config (`benchmarks/train_small.json`: hidden 256, 4 layers with 1 dense, 1
 groups, MLA q 96 / kv 64), same initial weights, same batches (8 x 256 byte tokens of the stdlib corpus),
 same AdamW settings and gradient clipping. The trainer runs its real loop (`dsv3.trainer.loop.train`,
 which also does the balance loss and the bias update); the transformers loop is the usual
-forward / cross-entropy / backward / clip / step. Runs alternate in one process so machine noise hits
-both; the best round of each is kept.
+forward / cross-entropy / backward / clip / step. Runs alternate so machine noise hits both; the best
+round of each is kept. With `--isolate` every round runs in a fresh process, so each loop runs as it
+ships: the trainer sets its malloc thresholds (`dsv3.trainer.allocator`) and transformers keeps glibc's
+defaults; without it both share this process, and the transformers rounds after the first trainer round
+get the trainer's malloc settings too (the conservative comparison).
 
 Then the memory options of the trainer, same config and batch: activation checkpointing `none`,
 `full`, `moe` and micro-batches 2 and 4. Tokens/s is the trainer's real loop, the modes alternating,
@@ -14,7 +17,7 @@ best of the rounds. Peak memory is the resident-set high-water mark (VmHWM, rese
 above the process's size just before it, with the model and its gradient buffers already there, after a
 warm-up step, each mode in a fresh process: the step's activations and temporaries.
 
-    python benchmarks/bench_training.py [--rounds 3] [--steps 20] [--threads 2]
+    python benchmarks/bench_training.py [--rounds 3] [--steps 20] [--threads 2] [--isolate]
 """
 
 from __future__ import annotations
@@ -135,32 +138,60 @@ def _transformers_round(steps: int, weights: Path, data: PackedSequences) -> flo
     return steps * BATCH * SEQ / (time.perf_counter() - start)
 
 
+def _data(config: ModelConfig) -> PackedSequences:
+    return PackedSequences(token_stream("", ByteTokenizer()), SEQ, 0, 0.05, config.vocab_size)
+
+
+def _in_fresh_process(threads: int, fn, *args) -> float:
+    """`fn(*args)` in a spawned interpreter with `threads` torch threads (glibc malloc at its defaults
+    unless `fn` changes them)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_with_threads, (threads, fn, *args))
+
+
+def _with_threads(threads: int, fn, *args) -> float:
+    torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def _transformers_round_fresh(steps: int, weights: Path) -> float:
+    return _transformers_round(steps, weights, _data(ModelConfig.from_hf_config(CONFIG)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--isolate", action="store_true", help="every round in a fresh process")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_training.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
 
     model_config = ModelConfig.from_hf_config(CONFIG)
-    data = PackedSequences(token_stream("", ByteTokenizer()), SEQ, 0, 0.05, model_config.vocab_size)
+    data = _data(model_config)
     best = {"dsv3 trainer": 0.0, "transformers + AdamW": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)  # the trainer's initial weights (it seeds the same way)
         DeepSeekV3(model_config).save_pretrained(Path(tmp) / "init")
         for _ in range(args.rounds):
-            best["dsv3 trainer"] = max(best["dsv3 trainer"], _trainer_round(args.steps, Path(tmp) / "run"))
-            rate = _transformers_round(args.steps, Path(tmp) / "init", data)
-            best["transformers + AdamW"] = max(best["transformers + AdamW"], rate)
+            run, weights = Path(tmp) / "run", Path(tmp) / "init"
+            if args.isolate:
+                ours = _in_fresh_process(args.threads, _trainer_round, args.steps, run)
+                theirs = _in_fresh_process(args.threads, _transformers_round_fresh, args.steps, weights)
+            else:
+                ours = _trainer_round(args.steps, run)
+                theirs = _transformers_round(args.steps, weights, data)
+            best["dsv3 trainer"] = max(best["dsv3 trainer"], ours)
+            best["transformers + AdamW"] = max(best["transformers + AdamW"], theirs)
         memory = _memory_table(args.rounds, args.steps, args.threads, Path(tmp))
     speedup = best["dsv3 trainer"] / best["transformers + AdamW"]
     print(
         f"{datetime.date.today()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {args.threads} threads, fp32, batch {BATCH} x {SEQ}, "
         f"{args.steps} steps per round, best of {args.rounds}"
+        f"{', each round in a fresh process' if args.isolate else ', one process'}"
     )
     for name, rate in best.items():
         print(f"{name:>22} | {rate:>8.0f} tokens/s")
@@ -181,6 +212,7 @@ def main() -> None:
                 "speedup": speedup,
                 "memory_options": memory,
                 "threads": args.threads,
+                "isolated_rounds": args.isolate,
                 "date": str(datetime.date.today()),
             },
             indent=2,

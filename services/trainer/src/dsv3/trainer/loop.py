@@ -29,6 +29,7 @@ from dsv3.model.parallel import parallelize_experts
 from dsv3.model.recompute import apply_activation_checkpointing
 from dsv3.serving import telemetry
 from dsv3.tokenizer import copy_tokenizer_files, load_tokenizer
+from dsv3.trainer.allocator import keep_freed_memory
 from dsv3.trainer.anomaly import Action, AnomalyDetector, Thresholds, agree
 from dsv3.trainer.config import Layout, SettingsError, TrainConfig
 from dsv3.trainer.data import PackedSequences, token_stream
@@ -188,6 +189,7 @@ def _status(config: TrainConfig, layout: Layout) -> Iterator[Board | None]:
 def train(config: TrainConfig) -> Summary:
     telemetry.setup("dsv3-trainer")  # before any client exists: their channels carry the trace context
     layout, model_config, data, device = prepare(config)
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
