@@ -15,12 +15,9 @@ import resource, sys, torch
 from dsv3.trainer.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else None
 
-def one_pass():  # buffers of 1-24 MiB, a few alive at a time, as in a training step
-    alive = []
-    for i, mib in enumerate([1, 8, 3, 16, 2, 12, 5, 24, 4, 6] * 3):
-        alive.append(torch.ones(mib << 18))
-        if i % 3 == 2:
-            alive = alive[-1:]
+def one_pass():  # a step's buffers of 4-24 MiB, ~250 MiB alive at its peak, then all freed
+    alive = [torch.ones(mib << 18) for mib in [8, 16, 4, 24, 12, 8, 16, 20, 6, 10] * 2]
+    alive.clear()
 
 one_pass()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -43,8 +40,9 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again() -> None:
     _, plain = _second_pass_faults("plain")
     applied, tuned = _second_pass_faults("tuned")
     assert applied == "True"
-    assert plain > 2000, plain  # glibc's defaults hand pages back and fault them in again
-    assert tuned * 3 < plain, (tuned, plain)
+    # glibc's defaults trim the freed heap top back to the OS: the next pass faults its ~250 MiB in again
+    assert plain > 30_000, plain
+    assert tuned * 5 < plain, (tuned, plain)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and ru_minflt")
