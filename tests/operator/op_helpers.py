@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +34,19 @@ def tool(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path}: run scripts/install_k8s_tools.sh (scripts/setup.sh does)")
     return str(path)
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll `fn` every 0.2 s until it returns something truthy (returned); assertion, key and index
+    errors count as not yet. Fails naming `what` and the last result after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+            if last:
+                return last
+        except (AssertionError, KeyError, IndexError) as e:
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from kube_emulator import kubeconfig, serve
-from op_helpers import CRDS, EXAMPLES, ROOT, tool
-from test_e2e import wait_for
+from op_helpers import CRDS, EXAMPLES, ROOT, tool, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,14 +9,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kube_emulator import kubeconfig, serve
-from op_helpers import CHART, EXAMPLES, ROOT, tool
+from op_helpers import CHART, EXAMPLES, ROOT, tool, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -60,20 +60,6 @@ class Cluster:
 
     def writes(self) -> int:
         return sum(1 for r in self.emulator._requests if r.method in ("POST", "PATCH", "PUT", "DELETE"))
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-            if last:
-                return last
-        except (AssertionError, KeyError, IndexError) as e:
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def state(cluster: Cluster, kind: str, name: str) -> tuple[str, str, str]:
