@@ -154,12 +154,11 @@ def main() -> None:
         "best_aux_free": free["name"],
         "moe_beats_dense": free["held_out_after"] < dense["held_out_after"],
     }
-    for aux in auxes:
-        alpha = aux["name"].split("alpha ")[1].rstrip(")")
-        verdicts[f"lower_max_vio_than_alpha_{alpha}"] = (
+    for alpha, aux in zip(alphas, auxes, strict=True):  # _variants lists them in --aux-alphas order
+        verdicts[f"lower_max_vio_than_alpha_{alpha:g}"] = (
             free["max_vio_last_quarter"] < aux["max_vio_last_quarter"]
         )
-        verdicts[f"loss_not_worse_than_alpha_{alpha}"] = (
+        verdicts[f"loss_not_worse_than_alpha_{alpha:g}"] = (
             free["held_out_after"] <= aux["held_out_after"] * 1.002
         )
     print(", ".join(f"{k}: {v}" for k, v in verdicts.items()))
