@@ -69,6 +69,7 @@ def test_the_flag_names_other_parts_rely_on_exist() -> None:
         ({"fp8": True, "device": "cpu"}, "fp8"),
         ({"decay_start": -5}, "decay_start"),
         ({"resume_from": "step-3"}, "resume_from"),
+        ({"concurrent_passes": -1}, "concurrent_passes"),
     ],
 )
 def test_bad_settings_name_the_field(changes: dict, field: str) -> None:
@@ -88,6 +89,11 @@ def test_layout_checks_against_world_size_and_model() -> None:
         Layout.of(TrainConfig(ep=2, batch=6), 4, 0, model)
     with pytest.raises(SettingsError, match=r"^ep \(2\) x dp \(3\)"):
         Layout.of(TrainConfig(ep=2, dp=3, batch=12), 4, 0, model)
+    with pytest.raises(SettingsError, match=r"^concurrent_passes \(2\) needs ep 1"):
+        Layout.of(TrainConfig(ep=2, batch=8, concurrent_passes=2), 2, 0, model)
+    with pytest.raises(SettingsError, match=r"^concurrent_passes \(3\) must divide each micro-batch's 2 "):
+        Layout.of(TrainConfig(batch=8, micro_batches=2, concurrent_passes=3), 2, 0, model)
+    assert Layout.of(TrainConfig(batch=8, micro_batches=2, concurrent_passes=2), 2, 0, model).dp == 2
 
 
 def test_schedule_warms_up_holds_then_decays_to_the_floor() -> None:

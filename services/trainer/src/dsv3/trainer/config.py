@@ -55,6 +55,9 @@ class TrainConfig:
     # memory
     activation_checkpointing: str = "none"  # none | full (recompute each layer) | moe (the routed experts)
     micro_batches: int = 1  # forward/backward passes per optimizer step (must divide batch / world)
+    # CPU: each micro-batch as N passes at once on N threads (dsv3.trainer.passes); 0: auto (2 on a CPU
+    # with >= 2 torch threads at ep 1 when a micro-batch's sequences split in two), 1: off
+    concurrent_passes: int = 0
     # anomaly detection (dsv3.trainer.anomaly) and what to do about one
     anomaly_policy: str = "warn"  # warn | skip (drop the step's update) | rollback (to the last checkpoint)
     max_rollbacks: int = 3  # rollbacks allowed in the run; the next anomaly fails the job with its reason
@@ -100,6 +103,7 @@ class TrainConfig:
             "warmup_steps",
             "keep_last",
             "dp",
+            "concurrent_passes",
             "eval_sequences",
             "seed",
             "max_rollbacks",
@@ -229,6 +233,19 @@ class Layout:
                 f"micro_batches ({config.micro_batches}) must divide each rank's batch "
                 f"(batch {config.batch} / world {world} = {config.batch // world})"
             )
+        if config.concurrent_passes > 1:
+            if config.ep != 1:
+                raise SettingsError(
+                    f"concurrent_passes ({config.concurrent_passes}) needs ep 1: an expert-parallel pass "
+                    f"runs all-to-alls, which passes on several threads cannot match across ranks "
+                    f"(ep is {config.ep})"
+                )
+            sequences = config.batch // world // config.micro_batches
+            if sequences % config.concurrent_passes:
+                raise SettingsError(
+                    f"concurrent_passes ({config.concurrent_passes}) must divide each micro-batch's "
+                    f"{sequences} sequences (batch / world / micro_batches)"
+                )
         if config.seq_len > model.max_position_embeddings:
             raise SettingsError(
                 f"seq_len ({config.seq_len}) exceeds the model's max_position_embeddings "

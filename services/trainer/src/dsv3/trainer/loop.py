@@ -1,12 +1,13 @@
 """`train(config)`: one rank of a dp x ep run under torchrun (or a single plain process).
 
 Order of a step: this rank's slice of the global batch, in `micro_batches` forward/backward passes
-(experts through the all-to-all; each loss / (world x micro-batches)) -> gradient reduction (replicated
-over the world, experts over their replicas) -> global gradient norm -> global loss means and expert
-loads -> anomaly tests, agreed over every rank (`anomaly.py`) -> unless the policy drops the update
-(`reaction.py`): global-norm clip, ZeRO-1 AdamW step + broadcast, routing-bias update from the loads
-summed over micro-batches and ranks -> metrics (rank 0) -> checkpoint every `checkpoint_interval` steps
-and at the end. A rollback restores the last checkpoint instead and continues after the bad batch; a
+(experts through the all-to-all; each loss / (world x micro-batches); on a CPU each micro-batch as
+concurrent passes on threads, `passes.py`) -> gradient reduction (replicated over the world, experts
+over their replicas) -> global gradient norm -> global loss means and expert loads -> anomaly tests,
+agreed over every rank (`anomaly.py`) -> unless the policy drops the update (`reaction.py`): ZeRO-1
+AdamW step (the global-norm clip inside its fused kernel) + broadcast, routing-bias update from the
+loads summed over micro-batches and ranks -> metrics (rank 0) -> checkpoint every `checkpoint_interval`
+steps and at the end. A rollback restores the last checkpoint instead and continues after the bad batch; a
 watchdog thread (`watchdog.py`) ends the process when no step completes for `stall_timeout` seconds.
 """
 
@@ -40,11 +41,12 @@ from dsv3.trainer.observe import TrainerTelemetry
 from dsv3.trainer.parallel import (
     Groups,
     ShardedAdamW,
-    clip_gradients,
+    clip_divisor,
     global_grad_norm,
     init_groups,
     reduce_gradients,
 )
+from dsv3.trainer.passes import ConcurrentPasses, auto_passes
 from dsv3.trainer.reaction import Reaction, RunState
 from dsv3.trainer.status import Board, State, StatusServer
 from dsv3.trainer.watchdog import StallWatchdog
@@ -81,6 +83,10 @@ def prepare(config: TrainConfig) -> tuple[Layout, ModelConfig, PackedSequences, 
         raise SettingsError("device: cuda requested but no CUDA device is available")
     if config.fp8 and device != "cuda":
         raise SettingsError("fp8: FP8 training needs CUDA")
+    if config.concurrent_passes > 1 and device != "cpu":
+        raise SettingsError(
+            f"concurrent_passes: {config.concurrent_passes} passes at once need the CPU (device {device})"
+        )
     try:
         data = PackedSequences(
             token_stream(config.data, tokenizer, config.data_field),
@@ -112,26 +118,38 @@ class StepParts:
 
 
 def forward_backward(
-    model, ids, config: TrainConfig, world: int, autocast, faults: FaultInjector, consumed: int
+    model,
+    ids,
+    config: TrainConfig,
+    world: int,
+    autocast,
+    faults: FaultInjector,
+    consumed: int,
+    passes: ConcurrentPasses | None = None,
 ) -> StepParts:
-    """`micro_batches` forward/backward passes over this rank's slice, gradients accumulating.
+    """`micro_batches` forward/backward passes over this rank's slice, gradients accumulating; each
+    micro-batch split over `passes` concurrent passes (`dsv3.trainer.passes`) when given.
 
-    Each pass's loss is scaled by 1 / (world x micro-batches): every micro-batch holds the same number
+    Each pass's loss is scaled by 1 / (world x micro-batches x passes): every pass holds the same number
     of sequences, so the accumulated gradient is that of the global batch's mean loss, as one pass."""
     count = config.micro_batches
-    scale = 1.0 / (world * count)
+    passes = passes or ConcurrentPasses(model, 1)
+    scale = 1.0 / (world * count * passes.passes)
+
+    def loss_of(part: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        out, parts = _loss_parts(model, part, config, autocast)
+        parts = faults.poison(parts, consumed)
+        return parts.total * scale, (parts, out.expert_loads.detach())
+
     sums: list[torch.Tensor | None] = [None, None, None]
     loads = None
     for chunk in ids.chunk(count):
-        out, parts = _loss_parts(model, chunk, config, autocast)
-        parts = faults.poison(parts, consumed)
-        (parts.total * scale).backward()
-        for i, value in enumerate((parts.main, parts.mtp, parts.balance)):
-            if value is not None:
-                value = value.detach() / count
-                sums[i] = value if sums[i] is None else sums[i] + value
-        step_loads = out.expert_loads.detach()
-        loads = step_loads if loads is None else loads + step_loads
+        for parts, step_loads in passes.run(chunk, loss_of):
+            for i, value in enumerate((parts.main, parts.mtp, parts.balance)):
+                if value is not None:
+                    value = value.detach() / (count * passes.passes)
+                    sums[i] = value if sums[i] is None else sums[i] + value
+            loads = step_loads if loads is None else loads + step_loads
     return StepParts(sums[0], sums[1], sums[2], loads)
 
 
@@ -218,6 +236,25 @@ def _train(
     if layout.ep > 1:
         parallelize_experts(model, groups.ep)
     apply_activation_checkpointing(model, config.activation_checkpointing)
+    sequences = config.batch // layout.world // config.micro_batches
+    count = config.concurrent_passes or auto_passes(device, layout.ep, sequences, torch.get_num_threads())
+    passes = ConcurrentPasses(model, count)
+    try:
+        return _run(config, layout, model, data, device, groups, board, passes)
+    finally:
+        passes.close()
+
+
+def _run(
+    config: TrainConfig,
+    layout: Layout,
+    model: DeepSeekV3,
+    data: PackedSequences,
+    device: str,
+    groups: Groups,
+    board: Board | None,
+    passes: ConcurrentPasses,
+) -> Summary:
     optimizer = ShardedAdamW(
         model, groups, config.lr, (config.beta1, config.beta2), config.eps, config.weight_decay
     )
@@ -256,7 +293,7 @@ def _train(
     if layout.rank == 0:
         log.info(
             "training %s: steps %d-%d of %d, world %d (dp %d x ep %d), batch %d x %d in %d micro-batches, "
-            "activation checkpointing %s, anomaly policy %s",
+            "activation checkpointing %s, anomaly policy %s, concurrent passes %d",
             config.model,
             run.step + 1,
             config.steps,
@@ -269,6 +306,7 @@ def _train(
             config.micro_batches,
             config.activation_checkpointing,
             config.anomaly_policy,
+            passes.passes,
         )
     if board is not None:
         board.update(state=State.TRAINER_STATE_RUNNING)
@@ -286,7 +324,7 @@ def _train(
             faults.before_step(step)
             optimizer.set_lr(config.lr_at(step))
             ids = data.batch(run.consumed, config.batch, layout.rank, layout.world).to(device)
-            parts = forward_backward(model, ids, config, layout.world, autocast, faults, run.consumed)
+            parts = forward_backward(model, ids, config, layout.world, autocast, faults, run.consumed, passes)
             reduce_gradients(model, groups)
             grad_norm = global_grad_norm(model, groups)
             loads = parts.loads
@@ -298,8 +336,7 @@ def _train(
             anomaly = agree(anomaly, step, groups.world, device)
             action = reaction.decide(anomaly)
             if action in (None, Action.WARNED):
-                clip_gradients(model, grad_norm, config.grad_clip)
-                optimizer.step()
+                optimizer.step(clip_divisor(grad_norm, config.grad_clip))
                 model.update_routing_bias(loads, config.bias_gamma)
                 if anomaly is None:
                     detector.accept(loss, grad_norm)

@@ -130,18 +130,12 @@ def global_grad_norm(model: nn.Module, groups: Groups) -> float:
     return float((replicated + experts).sqrt())
 
 
-@torch.no_grad()
-def clip_gradients(model: nn.Module, norm: float, max_norm: float) -> None:
-    """Scale every gradient so that the global norm `norm` becomes at most `max_norm` (0: no clipping)."""
+def clip_divisor(norm: float, max_norm: float) -> float:
+    """What every gradient is divided by so that the global norm `norm` becomes at most `max_norm`
+    (1: no clipping; `max_norm` 0: off). `ShardedAdamW.step` applies it inside the fused update."""
     if max_norm > 0 and max_norm / (norm + 1e-6) < 1:
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, torch.tensor(norm), foreach=True)
-
-
-def clip_global_norm(model: nn.Module, groups: Groups, max_norm: float) -> float:
-    """The global gradient norm, clipped to `max_norm`; returns the norm before clipping."""
-    norm = global_grad_norm(model, groups)
-    clip_gradients(model, norm, max_norm)
-    return norm
+        return (norm + 1e-6) / max_norm
+    return 1.0
 
 
 class ShardedAdamW:
@@ -183,12 +177,20 @@ class ShardedAdamW:
             group["lr"] = lr
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update the owned parameters, then every owner broadcasts its parameters to the group."""
+    def step(self, grad_divisor: float = 1.0) -> None:
+        """Update the owned parameters from their gradients / `grad_divisor` (the clip, done inside the
+        fused kernel: no pass of its own over the gradients), then every owner broadcasts its parameters
+        to the group."""
         for name, p in self.model.named_parameters():
             if name not in self.owned:
                 p.grad = None  # only the owner needs it
-        self.optimizer.step()
+        if grad_divisor != 1.0:
+            device = next(iter(self.owned.values()), next(self.model.parameters())).device
+            self.optimizer.grad_scale = torch.tensor(grad_divisor, dtype=torch.float32, device=device)
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.__dict__.pop("grad_scale", None)
         if self.groups.dp is not None:
             for name, p in self.model.named_parameters():
                 dist.broadcast(p.data, src=self.groups.dp_ranks[self.owner[name]], group=self.groups.dp)
