@@ -175,10 +175,14 @@ def _check_offsets(op: str, offsets_E: torch.Tensor, num_experts: int, num_rows:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension."""
+    """RMSNorm over the last dimension (float32 training: a closed-form backward, `rms_norm_grad`)."""
     _check(
         x.shape[-1] == weight.shape[-1], f"rms_norm: x has {x.shape[-1]} features, weight {weight.shape[-1]}"
     )
+    if x.dtype == weight.dtype == torch.float32 and _needs_grad(x, weight):
+        from dsv3.kernels import rms_norm_grad
+
+        return rms_norm_grad.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
