@@ -125,3 +125,36 @@ def test_trainer_with_concurrent_passes_gives_the_losses_of_one_pass(
         for a, b in zip(losses["one"], losses[name], strict=True):
             assert abs(a - b) <= 1e-5 * abs(a), name
     assert losses["auto"] == losses["auto-again"]  # bitwise reproducible
+
+
+def _openmp():
+    """torch's OpenMP runtime, for its per-thread count (what MKL's GEMMs follow)."""
+    import ctypes
+    import os
+
+    libraries = {
+        line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "gomp" in line
+    }
+    if not libraries or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs torch's libgomp and at least 2 CPUs")
+    return ctypes.CDLL(sorted(libraries)[0])
+
+
+def test_each_pass_thread_sets_its_own_openmp_count(two_threads) -> None:
+    """A thread that never set its OpenMP count starts from the process default (one per CPU), and MKL's
+    GEMMs follow that count rather than torch's: each pass thread must set its share itself."""
+    openmp = _openmp()
+    runner = ConcurrentPasses(torch.nn.Linear(2, 2), 2)
+    seen: list[int] = []
+
+    def loss_of(part: torch.Tensor):
+        seen.append(openmp.omp_get_max_threads())
+        return runner.params[0].sum() + part.sum() * 0, None
+
+    try:
+        for _ in range(2):
+            runner.run(torch.zeros(2, 2), loss_of)
+    finally:
+        runner.close()
+    assert seen == [1, 1, 1, 1]
+    assert openmp.omp_get_max_threads() == 2  # the main thread keeps its count

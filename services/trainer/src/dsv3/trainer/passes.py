@@ -43,7 +43,16 @@ class ConcurrentPasses:
             raise ValueError(f"ConcurrentPasses: passes must be >= 1, got {passes}")
         self.passes = passes
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._pool = ThreadPoolExecutor(passes, thread_name_prefix="dsv3-pass") if passes > 1 else None
+        self._pool = None
+        if passes > 1:
+            # Each pass thread sets its own OpenMP thread count: a thread that never did starts from the
+            # process default (one per core), and MKL's GEMMs follow that, not torch's global count. Without
+            # it two passes run 2-thread GEMMs each on 2 cores (a 1024^3 GEMM in such a thread: 370 GFLOP/s
+            # alone, i.e. both cores). On the benchmark the difference was within noise; it is the intent.
+            share = max(1, torch.get_num_threads() // passes)
+            self._pool = ThreadPoolExecutor(
+                passes, thread_name_prefix="dsv3-pass", initializer=torch.set_num_threads, initargs=(share,)
+            )
 
     def run(self, ids: torch.Tensor, loss_of: Callable[[torch.Tensor], tuple[torch.Tensor, R]]) -> list[R]:
         """`loss_of(slice) -> (scaled loss, extra)` for each of `passes` slices of `ids` (split along the
@@ -53,7 +62,8 @@ class ConcurrentPasses:
             loss.backward()
             return [extra]
         threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // self.passes))  # process-wide: every pass uses its share
+        # torch's own count (its elementwise kernels) is process-wide: every pass uses its share
+        torch.set_num_threads(max(1, threads // self.passes))
         in_place = self.passes == 2 and all(p.grad is None for p in self.params)
         work = self._backward if in_place else self._gradients
         try:
