@@ -4,11 +4,13 @@ Same config (`benchmarks/train_small.json`: hidden 256, 4 layers with 1 dense, 1
 groups, MLA q 96 / kv 64), same initial weights, same batches (8 x 256 byte tokens of the stdlib corpus),
 same AdamW settings and gradient clipping. The trainer runs its real loop (`dsv3.trainer.loop.train`,
 which also does the balance loss and the bias update); the transformers loop is the usual
-forward / cross-entropy / backward / clip / step. Runs alternate so machine noise hits both; the best
-round of each is kept. With `--isolate` every round runs in a fresh process, so each loop runs as it
-ships: the trainer sets its malloc thresholds (`dsv3.trainer.allocator`) and transformers keeps glibc's
-defaults; without it both share this process, and the transformers rounds after the first trainer round
-get the trainer's malloc settings too (the conservative comparison).
+forward / cross-entropy / backward / clip / step. A third row runs the trainer with
+`--concurrent-passes 1` (one forward/backward pass per micro-batch), so what the concurrent passes add
+shows in the same run. Runs alternate so machine noise hits all alike; the best round of each is kept.
+With `--isolate` every round runs in a fresh process, so each loop runs as it ships: the trainer sets
+its malloc thresholds (`dsv3.trainer.allocator`) and transformers keeps glibc's defaults; without it
+all share this process, and the transformers rounds after the first trainer round get the trainer's
+malloc settings too (the conservative comparison).
 
 Then the memory options of the trainer, same config and batch: activation checkpointing `none`,
 `full`, `moe` and micro-batches 2 and 4. Tokens/s is the trainer's real loop, the modes alternating,
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import functools
 import json
 import multiprocessing
 import platform
@@ -171,20 +174,24 @@ def main() -> None:
 
     model_config = ModelConfig.from_hf_config(CONFIG)
     data = _data(model_config)
-    best = {"dsv3 trainer": 0.0, "transformers + AdamW": 0.0}
+    best = {"dsv3 trainer": 0.0, "transformers + AdamW": 0.0, "dsv3, one pass": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)  # the trainer's initial weights (it seeds the same way)
         DeepSeekV3(model_config).save_pretrained(Path(tmp) / "init")
         for _ in range(args.rounds):
             run, weights = Path(tmp) / "run", Path(tmp) / "init"
+            one_pass = functools.partial(_trainer_round, concurrent_passes=1)
             if args.isolate:
                 ours = _in_fresh_process(args.threads, _trainer_round, args.steps, run)
                 theirs = _in_fresh_process(args.threads, _transformers_round_fresh, args.steps, weights)
+                single = _in_fresh_process(args.threads, one_pass, args.steps, run)
             else:
                 ours = _trainer_round(args.steps, run)
                 theirs = _transformers_round(args.steps, weights, data)
+                single = one_pass(args.steps, run)
             best["dsv3 trainer"] = max(best["dsv3 trainer"], ours)
             best["transformers + AdamW"] = max(best["transformers + AdamW"], theirs)
+            best["dsv3, one pass"] = max(best["dsv3, one pass"], single)
         memory = _memory_table(args.rounds, args.steps, args.threads, Path(tmp))
     speedup = best["dsv3 trainer"] / best["transformers + AdamW"]
     print(
@@ -196,6 +203,10 @@ def main() -> None:
     for name, rate in best.items():
         print(f"{name:>22} | {rate:>8.0f} tokens/s")
     print(f"speed-up {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'})")
+    print(
+        f"without concurrent passes (--concurrent-passes 1): "
+        f"{best['dsv3, one pass'] / best['transformers + AdamW']:.2f}x"
+    )
     header = f"{'tokens/s':>8} | {'vs none':>7} | {'step peak MiB':>13} | {'vs none':>7}"
     print(f"\n{'memory option':>22} | {header}")
     plain = memory["none"]
