@@ -158,3 +158,29 @@ def test_each_pass_thread_sets_its_own_openmp_count(two_threads) -> None:
         runner.close()
     assert seen == [1, 1, 1, 1]
     assert openmp.omp_get_max_threads() == 2  # the main thread keeps its count
+
+
+def test_a_failing_pass_is_raised_after_every_pass_has_finished(two_threads) -> None:
+    """No pass may still be adding into `.grad` once `run` has raised the other's error."""
+    import threading
+    import time
+
+    model = torch.nn.Linear(3, 1)
+    runner = ConcurrentPasses(model, 2)
+    finished = threading.Event()
+
+    def loss_of(part: torch.Tensor):
+        if part[0, 0] > 0:  # the second slice
+            time.sleep(0.2)
+            finished.set()
+            return model(part).sum(), None
+        raise RuntimeError("bad batch")
+
+    ids = torch.cat([-torch.ones(1, 3), torch.ones(1, 3)])
+    try:
+        with pytest.raises(RuntimeError, match="bad batch"):
+            runner.run(ids, loss_of)
+        assert finished.is_set()
+        assert torch.get_num_threads() == 2
+    finally:
+        runner.close()

@@ -21,7 +21,7 @@ of two passes at once could not be matched across ranks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -68,6 +68,7 @@ class ConcurrentPasses:
         work = self._backward if in_place else self._gradients
         try:
             futures = [self._pool.submit(work, loss_of, part) for part in ids.chunk(self.passes)]
+            wait(futures)  # all of them, even when one fails: none may still write `.grad` after we return
             results = [f.result() for f in futures]
         finally:
             torch.set_num_threads(threads)
