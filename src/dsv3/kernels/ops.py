@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dsv3.kernels import reference, scaled_mm
+from dsv3.kernels import reference, rms_norm_grad, scaled_mm
 
 
 class KernelInputError(ValueError):
@@ -180,8 +180,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x.shape[-1] == weight.shape[-1], f"rms_norm: x has {x.shape[-1]} features, weight {weight.shape[-1]}"
     )
     if x.dtype == weight.dtype == torch.float32 and _needs_grad(x, weight):
-        from dsv3.kernels import rms_norm_grad
-
         return rms_norm_grad.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
