@@ -177,6 +177,10 @@ class TrainConfig:
         except ConfigError as exc:
             raise SettingsError(f"model: {exc}") from exc
 
+    def micro_batch_sequences(self, world: int) -> int:
+        """Sequences in each of a rank's micro-batches (what concurrent passes split)."""
+        return self.batch // world // self.micro_batches
+
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step `step` (1-based): warmup, constant, cosine decay, floor."""
         if self.warmup_steps and step <= self.warmup_steps:
@@ -240,7 +244,7 @@ class Layout:
                     f"runs all-to-alls, which passes on several threads cannot match across ranks "
                     f"(ep is {config.ep})"
                 )
-            sequences = config.batch // world // config.micro_batches
+            sequences = config.micro_batch_sequences(world)
             if sequences % config.concurrent_passes:
                 raise SettingsError(
                     f"concurrent_passes ({config.concurrent_passes}) must divide each micro-batch's "

@@ -236,7 +236,7 @@ def _train(
     if layout.ep > 1:
         parallelize_experts(model, groups.ep)
     apply_activation_checkpointing(model, config.activation_checkpointing)
-    sequences = config.batch // layout.world // config.micro_batches
+    sequences = config.micro_batch_sequences(layout.world)
     count = config.concurrent_passes or auto_passes(device, layout.ep, sequences, torch.get_num_threads())
     passes = ConcurrentPasses(model, count)
     try:
