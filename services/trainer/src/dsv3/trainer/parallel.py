@@ -185,7 +185,7 @@ class ShardedAdamW:
             if name not in self.owned:
                 p.grad = None  # only the owner needs it
         if grad_divisor != 1.0:
-            device = next(iter(self.owned.values()), next(self.model.parameters())).device
+            device = next(self.model.parameters()).device
             self.optimizer.grad_scale = torch.tensor(grad_divisor, dtype=torch.float32, device=device)
         try:
             self.optimizer.step()
