@@ -178,9 +178,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)  # the trainer's initial weights (it seeds the same way)
         DeepSeekV3(model_config).save_pretrained(Path(tmp) / "init")
+        run, weights = Path(tmp) / "run", Path(tmp) / "init"
+        one_pass = functools.partial(_trainer_round, concurrent_passes=1)
         for _ in range(args.rounds):
-            run, weights = Path(tmp) / "run", Path(tmp) / "init"
-            one_pass = functools.partial(_trainer_round, concurrent_passes=1)
             if args.isolate:
                 ours = _in_fresh_process(args.threads, _trainer_round, args.steps, run)
                 theirs = _in_fresh_process(args.threads, _transformers_round_fresh, args.steps, weights)
