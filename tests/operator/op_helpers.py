@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,16 @@ def tool(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"{path}: run scripts/install_k8s_tools.sh (scripts/setup.sh does)")
     return str(path)
+
+
+def kubectl(env: dict[str, str], *args: str, stdin: str | None = None, check: bool = True) -> str:
+    """The real kubectl with `env` (its KUBECONFIG names the emulator); asserts success when `check`."""
+    run = subprocess.run(
+        [tool("kubectl"), *args], env=env, input=stdin, capture_output=True, text=True, timeout=60
+    )
+    if check:
+        assert run.returncode == 0, f"kubectl {' '.join(args)}: {run.stdout}{run.stderr}"
+    return run.stdout
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 30.0) -> Any:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from kube_emulator import kubeconfig, serve
-from op_helpers import CRDS, EXAMPLES, ROOT, tool, wait_for
+from op_helpers import CRDS, EXAMPLES, ROOT, kubectl, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,15 +42,8 @@ def test_a_job_deleted_mid_reconcile_is_gone_within_seconds(tmp_path: Path) -> N
         (tmp_path / "config").write_text(kubeconfig(port))
         env = {**os.environ, "KUBECONFIG": str(tmp_path / "config")}
 
-        def kubectl(*args: str) -> str:
-            run = subprocess.run(
-                [tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=60
-            )
-            assert run.returncode == 0, f"kubectl {' '.join(args)}: {run.stdout}{run.stderr}"
-            return run.stdout
-
         for crd in sorted(CRDS.glob("*.yaml")):
-            kubectl("create", "--validate=false", "-f", str(crd))
+            kubectl(env, "create", "--validate=false", "-f", str(crd))
         marker = tmp_path / "reconciling"
         log = (tmp_path / "operator.log").open("w")
         op = subprocess.Popen(
@@ -60,8 +53,8 @@ def test_a_job_deleted_mid_reconcile_is_gone_within_seconds(tmp_path: Path) -> N
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
         try:
-            kubectl("apply", "--validate=false", "-f", str(EXAMPLES / "training-debug.yaml"))
-            wait_for("Created", lambda: "Created" in kubectl("get", "dstj", "debug-run", "-o", "yaml"))
+            kubectl(env, "apply", "--validate=false", "-f", str(EXAMPLES / "training-debug.yaml"))
+            wait_for("Created", lambda: "Created" in kubectl(env, "get", "dstj", "debug-run", "-o", "yaml"))
             # Two reconciles later the job is settled: the timer's reconciles change nothing any more.
             calls = marker.with_suffix(".calls")
             settled = len(calls.read_text()) + 2
@@ -71,11 +64,11 @@ def test_a_job_deleted_mid_reconcile_is_gone_within_seconds(tmp_path: Path) -> N
                 timeout=20,
             )
             start = time.monotonic()
-            kubectl("delete", "dstj", "debug-run", "--wait=false")
+            kubectl(env, "delete", "dstj", "debug-run", "--wait=false")
             assert marker.exists()  # the delete went in while that reconcile was still running
-            wait_for("job gone", lambda: "debug-run" not in kubectl("get", "dstj"), timeout=15)
+            wait_for("job gone", lambda: "debug-run" not in kubectl(env, "get", "dstj"), timeout=15)
             took = time.monotonic() - start
-            assert not kubectl("get", "pods", "-l", "dsv3.dev/job=debug-run", "-o", "name").strip()
+            assert not kubectl(env, "get", "pods", "-l", "dsv3.dev/job=debug-run", "-o", "name").strip()
         finally:
             op.terminate()
             op.wait(timeout=20)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from kube_emulator import kubeconfig, serve
-from op_helpers import CHART, EXAMPLES, ROOT, tool, wait_for
+from op_helpers import CHART, EXAMPLES, ROOT, kubectl, tool, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,12 +31,7 @@ class Cluster:
         self.env = env
 
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
-        run = subprocess.run(
-            [tool("kubectl"), *args], env=self.env, input=stdin, capture_output=True, text=True, timeout=60
-        )
-        if check:
-            assert run.returncode == 0, f"kubectl {' '.join(args)}: {run.stdout}{run.stderr}"
-        return run.stdout
+        return kubectl(self.env, *args, stdin=stdin, check=check)
 
     def helm(self, *args: str) -> str:
         run = subprocess.run([tool("helm"), *args], env=self.env, capture_output=True, text=True, timeout=120)
