@@ -27,8 +27,9 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
-from dsv3.kernels import reference, rms_norm_grad, scaled_mm
+from dsv3.kernels import cpu_fused, reference, rms_norm_grad, scaled_mm
 
 
 class KernelInputError(ValueError):
@@ -101,6 +102,15 @@ def _use_triton(op: str, *tensors: torch.Tensor) -> bool:
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _use_cpu_fused(*tensors: torch.Tensor) -> bool:
+    """The fused CPU training kernels (`cpu_fused`): float32 CPU tensors, the "auto" backend."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and backend() == "auto"
+        and cpu_fused.available()
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,8 +190,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x.shape[-1] == weight.shape[-1], f"rms_norm: x has {x.shape[-1]} features, weight {weight.shape[-1]}"
     )
     if x.dtype == weight.dtype == torch.float32 and _needs_grad(x, weight):
+        if _use_cpu_fused(x, weight):
+            return cpu_fused.rms_norm(x, weight, eps)
         return rms_norm_grad.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the dense SwiGLU's activation); fused on the CPU when training in float32."""
+    _check(gate.shape == up.shape, f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    if gate.dtype == up.dtype == torch.float32 and _needs_grad(gate, up) and _use_cpu_fused(gate, up):
+        return cpu_fused.silu_mul(gate, up)
+    return F.silu(gate) * up
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,6 +470,10 @@ def grouped_swiglu(
         weights = row_weights_N.float().contiguous() if row_weights_N is not None else None
         return moe.grouped_swiglu(
             x_ND.contiguous(), offsets_E, w_gate_up_E2FD.contiguous(), w_down_EDF.contiguous(), weights
+        )
+    if _needs_grad(*tensors) and _use_cpu_fused(*tensors):
+        return reference.grouped_swiglu(
+            x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, row_weights_N, activation=cpu_fused.weighted_swiglu
         )
     return reference.grouped_swiglu(x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, row_weights_N)
 

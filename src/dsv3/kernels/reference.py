@@ -8,6 +8,8 @@ in the generic grouped GEMMs O and I are a weight's output and input features).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,11 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _scaled(hidden_NF: torch.Tensor, row_weights_N: torch.Tensor | None) -> torch.Tensor:
     return hidden_NF if row_weights_N is None else hidden_NF * row_weights_N.to(hidden_NF.dtype)[:, None]
+
+
+def weighted_swiglu(gate_up_N2F: torch.Tensor, row_weights_N: torch.Tensor | None) -> torch.Tensor:
+    """w[r] * silu(gate) * up for rows of [gate | up] (w = 1 without `row_weights_N`)."""
+    return _scaled(swiglu(gate_up_N2F), row_weights_N)
 
 
 def _swiglu_looped(
@@ -86,9 +93,12 @@ def grouped_swiglu(
     w_gate_up_E2FD: torch.Tensor,
     w_down_EDF: torch.Tensor,
     row_weights_N: torch.Tensor | None = None,
+    activation: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = weighted_swiglu,
 ) -> torch.Tensor:
     """Routed-expert SwiGLU FFN on rows grouped by expert: out[r] = down_e(w[r] * silu(gate_e(x[r])) *
     up_e(x[r])) for the counts_E[e] consecutive rows of expert e (w = 1 without `row_weights_N`).
+    `activation(gate_up, w)` computes the weighted SwiGLU between the two grouped GEMMs (a fused kernel
+    may stand in for this module's `weighted_swiglu`).
 
     `w_gate_up_E2FD` holds each expert's gate rows then its up rows; differentiable. Both GEMMs run as
     single grouped GEMMs where torch has them (empty experts cost nothing), else one pair per expert.
@@ -96,7 +106,7 @@ def grouped_swiglu(
     if _can_group(x_ND, w_down_EDF.shape[2]):
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
         gate_up = torch._grouped_mm(x_ND, w_gate_up_E2FD.transpose(-2, -1), offs=offsets_E)
-        hidden_NF = _scaled(swiglu(gate_up), row_weights_N)  # swiglu hands back a contiguous gradient
+        hidden_NF = activation(gate_up, row_weights_N)  # its backward hands back a contiguous gradient
         out_ND = torch._grouped_mm(hidden_NF, w_down_EDF.transpose(-2, -1), offs=offsets_E)
         return _ContiguousGrad.apply(out_ND)
     return _swiglu_looped(x_ND, counts_E.tolist(), w_gate_up_E2FD, w_down_EDF, row_weights_N)

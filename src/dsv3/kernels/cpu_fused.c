@@ -1,0 +1,142 @@
+/* Fused float32 CPU kernels for training: RMSNorm and (weighted) SwiGLU, forward and backward.
+ *
+ * Why: on the CPU these are memory-bound chains of 4-12 torch ops each (square, mean, rsqrt, products;
+ * sigmoid, products, their gradients), every op a full pass over the activations. Here each is one pass
+ * over its inputs. Loaded through ctypes by dsv3/kernels/cpu_fused.py, which compiles this file once per
+ * machine; ctypes releases the GIL for the call, so concurrent training passes overlap in these too.
+ *
+ * Every kernel is single-threaded and deterministic: a reduction always adds in the same order (16
+ * partial sums per row, then the lanes in order). Rows are `stride` floats apart; within a row the
+ * elements are contiguous. Plain C, no torch headers: the build takes about a second.
+ */
+#include <math.h>
+#include <stddef.h>
+
+#ifdef DSV3_VECTOR_EXPF
+/* glibc's libmvec has vector versions of expf; declaring them lets the compiler vectorize the loops that
+ * call it (glibc's own header declares them only under -ffast-math, which would also change the
+ * process's denormal handling when the library loads). */
+float expf(float) __attribute__((__simd__("notinbranch")));
+#endif
+
+#define LANES 16
+
+/* sum of a[i] * b[i] over n, in LANES partial sums added in a fixed order */
+static float dot(const float *restrict a, const float *restrict b, long n) {
+    float acc[LANES] = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES) {
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
+    }
+    float total = 0.0f;
+    for (int l = 0; l < LANES; l++) total += acc[l];
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps) per row; r saved for the backward */
+void dsv3_rms_norm_forward(const float *x, long rows, long dim, long x_stride, const float *w, float eps,
+                           float *y, float *r_out) {
+    for (long row = 0; row < rows; row++) {
+        const float *restrict xr = x + row * x_stride;
+        float *restrict yr = y + row * dim;
+        float r = 1.0f / sqrtf(dot(xr, xr, dim) / (float)dim + eps);
+        r_out[row] = r;
+#pragma omp simd
+        for (long i = 0; i < dim; i++) yr[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* dx = r * (g w) - x * r^3 * sum(g w x) / D  (when dx != NULL);
+ * dw = sum over rows of g * x * r, written into dw[dim] (when dw != NULL) */
+void dsv3_rms_norm_backward(const float *g, long g_stride, const float *x, long x_stride, long rows,
+                            long dim, const float *w, const float *r, float *dx, float *dw) {
+    if (dw != NULL) {
+        for (long i = 0; i < dim; i++) dw[i] = 0.0f;
+    }
+    for (long row = 0; row < rows; row++) {
+        const float *restrict gr = g + row * g_stride;
+        const float *restrict xr = x + row * x_stride;
+        const float rr = r[row];
+        if (dx != NULL) {
+            float acc[LANES] = {0};
+            long i = 0;
+            for (; i + LANES <= dim; i += LANES) {
+#pragma omp simd
+                for (int l = 0; l < LANES; l++) acc[l] += gr[i + l] * w[i + l] * xr[i + l];
+            }
+            float total = 0.0f;
+            for (int l = 0; l < LANES; l++) total += acc[l];
+            for (; i < dim; i++) total += gr[i] * w[i] * xr[i];
+            const float coefficient = -total * rr * rr * rr / (float)dim;
+            float *restrict dxr = dx + row * dim;
+#pragma omp simd
+            for (long j = 0; j < dim; j++) dxr[j] = rr * (gr[j] * w[j]) + xr[j] * coefficient;
+        }
+        if (dw != NULL) {
+            float *restrict dwr = dw;
+#pragma omp simd
+            for (long j = 0; j < dim; j++) dwr[j] += gr[j] * xr[j] * rr;
+        }
+    }
+}
+
+static inline float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+/* h = w_row * silu(gate) * up (w_row = 1 when rw == NULL); h is [rows, width], contiguous */
+void dsv3_swiglu_forward(const float *gate, const float *up, long in_stride, long rows, long width,
+                         const float *rw, float *h) {
+    for (long row = 0; row < rows; row++) {
+        const float *restrict gr = gate + row * in_stride;
+        const float *restrict ur = up + row * in_stride;
+        float *restrict hr = h + row * width;
+        const float scale = rw != NULL ? rw[row] : 1.0f;
+#pragma omp simd
+        for (long i = 0; i < width; i++) {
+            const float v = gr[i];
+            hr[i] = v * sigmoid(v) * ur[i] * scale;
+        }
+    }
+}
+
+/* Gradients of h = w_row * silu(gate) * up given dh [rows, width] (contiguous):
+ * d gate, d up into rows `out_stride` apart; d w_row = sum(dh * silu(gate) * up) when drw != NULL. */
+void dsv3_swiglu_backward(const float *dh, const float *gate, const float *up, long in_stride, long rows,
+                          long width, const float *rw, float *dgate, float *dup, long out_stride,
+                          float *drw) {
+    for (long row = 0; row < rows; row++) {
+        const float *restrict dhr = dh + row * width;
+        const float *restrict gr = gate + row * in_stride;
+        const float *restrict ur = up + row * in_stride;
+        float *restrict dgr = dgate + row * out_stride;
+        float *restrict dur = dup + row * out_stride;
+        const float scale = rw != NULL ? rw[row] : 1.0f;
+        float acc[LANES] = {0};
+        long i = 0;
+        for (; i + LANES <= width; i += LANES) {
+#pragma omp simd
+            for (int l = 0; l < LANES; l++) {
+                const float v = gr[i + l], u = ur[i + l], d = dhr[i + l];
+                const float s = sigmoid(v);
+                const float silu = v * s;
+                const float da = d * scale;
+                dgr[i + l] = da * u * s * (1.0f + v * (1.0f - s));
+                dur[i + l] = da * silu;
+                acc[l] += d * silu * u;
+            }
+        }
+        float total = 0.0f;
+        for (int l = 0; l < LANES; l++) total += acc[l];
+        for (; i < width; i++) {
+            const float v = gr[i], u = ur[i], d = dhr[i];
+            const float s = sigmoid(v);
+            const float silu = v * s;
+            const float da = d * scale;
+            dgr[i] = da * u * s * (1.0f + v * (1.0f - s));
+            dur[i] = da * silu;
+            total += d * silu * u;
+        }
+        if (drw != NULL) drw[row] = total;
+    }
+}

@@ -1,0 +1,248 @@
+"""Fused float32 CPU training kernels (`cpu_fused.c`): RMSNorm and SwiGLU, forward and backward.
+
+Why: on the CPU the trainer's step is dominated, after the GEMMs, by memory-bound elementwise chains:
+RMSNorm is 4 torch ops forward and 6 backward, the weighted SwiGLU 3 and 8, each a full pass over the
+activations. Each kernel here makes one pass. Measured on the 2-core Xeon box (benchmarks/RESULTS.md).
+
+The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`) into a cache
+directory (`$DSV3_KERNEL_CACHE`, else `$XDG_CACHE_HOME/dsv3` or `~/.cache/dsv3`), under a name that
+hashes the source, the compiler and the CPU, and loaded through ctypes (which releases the GIL for the
+call, so concurrent training passes overlap in these kernels). Without a compiler, or with
+`DSV3_CPU_KERNELS=0`, `available()` is False and `dsv3.kernels.ops` keeps the torch paths.
+
+The kernels are single-threaded and deterministic (fixed summation order), used where the trainer runs
+one torch thread per pass (`dsv3.trainer.passes`) or one thread in all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_fused.c")
+ENABLE_ENV = "DSV3_CPU_KERNELS"
+CACHE_ENV = "DSV3_KERNEL_CACHE"
+# libmvec's vector expf first; a C library without it still gets the kernels, with scalar expf.
+_FLAG_SETS = (
+    ("-DDSV3_VECTOR_EXPF", "-lmvec"),
+    (),
+)
+_BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
+
+_ptr = ctypes.c_void_p
+_long = ctypes.c_long
+_SIGNATURES = {
+    "dsv3_rms_norm_forward": (_ptr, _long, _long, _long, _ptr, ctypes.c_float, _ptr, _ptr),
+    "dsv3_rms_norm_backward": (_ptr, _long, _ptr, _long, _long, _long, _ptr, _ptr, _ptr, _ptr),
+    "dsv3_swiglu_forward": (_ptr, _ptr, _long, _long, _long, _ptr, _ptr),
+    "dsv3_swiglu_backward": (_ptr, _ptr, _ptr, _long, _long, _long, _ptr, _ptr, _ptr, _long, _ptr),
+}
+
+
+def enabled() -> bool:
+    """False when `DSV3_CPU_KERNELS` is 0/false/no/off."""
+    return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the fused kernels are enabled and built (building them on first call)."""
+    return enabled() and _library() is not None
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dsv3"
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` compiles for: the CPU's model name and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _compile(compiler: str, target: Path) -> bool:
+    """Build the library at `target` (atomically: concurrent builders each write their own file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for extra in _FLAG_SETS:
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        defines = [flag for flag in extra if flag.startswith("-D")]
+        libraries = [flag for flag in extra if flag.startswith("-l")]
+        command = [compiler, *_BASE_FLAGS, *defines, "-o", str(partial), str(SOURCE), "-lm", *libraries]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            os.replace(partial, target)
+            return True
+        partial.unlink(missing_ok=True)
+        log.debug("cpu_fused: %s failed: %s", " ".join(command), result.stderr.strip())
+    return False
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("cpu_fused: no C compiler (cc or $CC); using the torch ops")
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, version, _cpu_identity()))
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_fused-{key}.so"
+    try:
+        if not target.exists() and not _compile(compiler, target):
+            log.warning("cpu_fused: %s could not build %s; using the torch ops", compiler, SOURCE.name)
+            return None
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        log.warning("cpu_fused: cannot build or load %s (%s); using the torch ops", target, error)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
+    return library
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as [rows, last] with unit stride along the last dim (a view when possible)."""
+    rows = t.reshape(-1, t.shape[-1])
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]):
+        rows = rows.contiguous()
+    return rows
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        rows = _rows(x)
+        weight = weight.contiguous()
+        out = torch.empty(rows.shape, dtype=x.dtype)
+        r = torch.empty(rows.shape[0], dtype=x.dtype)
+        _library().dsv3_rms_norm_forward(
+            rows.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), weight.data_ptr(), eps,
+            out.data_ptr(), r.data_ptr(),
+        )  # fmt: skip
+        ctx.save_for_backward(rows, weight, r)
+        ctx.shape = x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        rows, weight, r = ctx.saved_tensors
+        grad_rows = _rows(grad)
+        grad_x = torch.empty(rows.shape, dtype=rows.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty(rows.shape[1], dtype=rows.dtype) if ctx.needs_input_grad[1] else None
+        _library().dsv3_rms_norm_backward(
+            grad_rows.data_ptr(), grad_rows.stride(0), rows.data_ptr(), rows.stride(0), rows.shape[0],
+            rows.shape[1], weight.data_ptr(), r.data_ptr(), _address(grad_x), _address(grad_w),
+        )  # fmt: skip
+        return (None if grad_x is None else grad_x.view(ctx.shape)), grad_w, None
+
+
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+    rows, width = gate.shape
+    out = torch.empty(rows, width, dtype=gate.dtype)
+    _library().dsv3_swiglu_forward(
+        gate.data_ptr(), up.data_ptr(), gate.stride(0), rows, width, _address(row_weights), out.data_ptr()
+    )
+    return out
+
+
+def _swiglu_backward(
+    grad: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    grad_gate: torch.Tensor,
+    grad_up: torch.Tensor,
+    grad_weights: torch.Tensor | None,
+) -> None:
+    grad = grad.contiguous()
+    rows, width = gate.shape
+    _library().dsv3_swiglu_backward(
+        grad.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.stride(0), rows, width,
+        _address(row_weights), grad_gate.data_ptr(), grad_up.data_ptr(), grad_gate.stride(0),
+        _address(grad_weights),
+    )  # fmt: skip
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """h = w_row * silu(gate) * up on gate_up [N, 2F] = [gate | up]; d gate_up comes back as one
+    contiguous [N, 2F] tensor, which the grouped GEMM's backward takes as it is."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        gate, up = gate_up.chunk(2, dim=1)
+        ctx.save_for_backward(gate_up, row_weights)
+        return _swiglu_forward(gate, up, row_weights)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # type: ignore[override]
+        gate_up, row_weights = ctx.saved_tensors
+        grad_gate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype)
+        wants_weights = row_weights is not None and ctx.needs_input_grad[1]
+        grad_weights = torch.empty(gate_up.shape[0], dtype=gate_up.dtype) if wants_weights else None
+        _swiglu_backward(
+            grad, *gate_up.chunk(2, dim=1), row_weights, *grad_gate_up.chunk(2, dim=1), grad_weights
+        )
+        return grad_gate_up, grad_weights
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up on two contiguous [rows, F] tensors."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return _swiglu_forward(gate, up, None)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+        _swiglu_backward(grad, gate, up, None, grad_gate, grad_up, None)
+        return grad_gate, grad_up
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of float32 CPU `x` with float32 `weight` (differentiable)."""
+    return _FusedRMSNorm.apply(x, weight, eps)
+
+
+def weighted_swiglu(gate_up: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """w_row * silu(gate) * up for float32 CPU `gate_up` [N, 2F] = [gate | up] and `row_weights` [N]."""
+    if gate_up.stride(1) != 1 or gate_up.stride(0) != gate_up.shape[1]:
+        gate_up = gate_up.contiguous()
+    weights = None if row_weights is None else row_weights.to(gate_up.dtype).contiguous()
+    return _WeightedSwiGLU.apply(gate_up, weights)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for float32 CPU tensors of one shape [..., F] (differentiable)."""
+    shape = gate.shape
+    gate_rows = gate.reshape(-1, shape[-1]).contiguous()
+    up_rows = up.reshape(-1, shape[-1]).contiguous()
+    return _SiluMul.apply(gate_rows, up_rows).view(shape)

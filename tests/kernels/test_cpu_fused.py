@@ -1,0 +1,191 @@
+"""The fused float32 CPU training kernels (`dsv3.kernels.cpu_fused`): built with the machine's C compiler,
+their outputs and gradients are the float64 reference's to float32 rounding, they are deterministic,
+`ops` takes them only for float32 CPU training on the auto backend, and without a compiler everything
+falls back to the torch ops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.kernels import cpu_fused, ops, reference, rms_norm_grad
+
+
+def _close(mine: torch.Tensor, theirs: torch.Tensor, tolerance: float = 2e-6) -> None:
+    """float32 against float64: the error relative to the largest entry."""
+    scale = theirs.abs().max().clamp_min(1e-30)
+    assert ((mine.double() - theirs).abs().max() / scale).item() < tolerance
+
+
+def _gradients(fn, *inputs: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(upstream.to(out.dtype))
+    return (out.detach(), *(leaf.grad for leaf in leaves))
+
+
+def test_the_library_builds_here() -> None:
+    assert cpu_fused.available(), "a C compiler (cc) is part of the supported setup"
+
+
+@pytest.mark.parametrize(
+    ("shape", "width"),
+    [((4, 32, 256), None), ((3, 5, 80), 64), ((7, 20), None), ((0, 16), None)],
+    ids=["contiguous", "strided-latent", "odd-width", "empty"],
+)
+def test_rms_norm_matches_the_reference(shape, width) -> None:
+    generator = torch.Generator().manual_seed(0)
+    full = torch.randn(shape, generator=generator, dtype=torch.float64) * 3
+    x = full[..., :width] if width else full  # a column slice: rows a stride apart, as the MLA latent
+    weight = torch.randn(x.shape[-1], generator=generator, dtype=torch.float64)
+    upstream = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    expected = _gradients(lambda a, b: reference.rms_norm(a, b, 1e-6), x, weight, upstream=upstream)
+    x32 = full.float()[..., :width] if width else full.float()
+    got = _gradients(lambda a, b: cpu_fused.rms_norm(a, b, 1e-6), x32, weight.float(), upstream=upstream)
+    if x.numel():
+        for mine, theirs in zip(got, expected, strict=True):
+            _close(mine, theirs)
+    assert got[1].shape == x.shape and got[2].shape == weight.shape
+
+
+def test_rms_norm_gradient_of_one_input_only() -> None:
+    x = torch.randn(6, 32, dtype=torch.float64)
+    weight = torch.randn(32, dtype=torch.float64)
+    for grad_x, grad_w in ((True, False), (False, True)):
+        xi, wi = x.float().requires_grad_(grad_x), weight.float().requires_grad_(grad_w)
+        cpu_fused.rms_norm(xi, wi, 1e-6).sum().backward()
+        xr, wr = x.clone().requires_grad_(grad_x), weight.clone().requires_grad_(grad_w)
+        reference.rms_norm(xr, wr, 1e-6).sum().backward()
+        assert (xi.grad is None) == (not grad_x) and (wi.grad is None) == (not grad_w)
+        _close(xi.grad if grad_x else wi.grad, xr.grad if grad_x else wr.grad)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("width", [128, 24])
+def test_weighted_swiglu_matches_the_reference(weighted: bool, width: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(50, 2 * width, generator=generator, dtype=torch.float64) * 4
+    weights = torch.rand(50, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(50, width, generator=generator, dtype=torch.float64)
+    inputs = (gate_up, weights) if weighted else (gate_up,)
+    expected = _gradients(
+        lambda *a: reference.weighted_swiglu(a[0], a[1] if weighted else None), *inputs, upstream=upstream
+    )
+    got = _gradients(
+        lambda *a: cpu_fused.weighted_swiglu(a[0], a[1] if weighted else None),
+        *(t.float() for t in inputs),
+        upstream=upstream,
+    )
+    for mine, theirs in zip(got, expected, strict=True):
+        _close(mine, theirs)
+    assert got[1].is_contiguous()  # the grouped GEMM's backward takes d[gate | up] as it is
+
+
+def test_silu_mul_matches_the_reference() -> None:
+    generator = torch.Generator().manual_seed(2)
+    gate, up, upstream = (torch.randn(2, 9, 40, generator=generator, dtype=torch.float64) for _ in range(3))
+    expected = _gradients(lambda g, u: F.silu(g) * u, gate, up, upstream=upstream)
+    got = _gradients(cpu_fused.silu_mul, gate.float(), up.float(), upstream=upstream)
+    for mine, theirs in zip(got, expected, strict=True):
+        _close(mine, theirs)
+
+
+def test_the_kernels_are_deterministic() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 256, generator=generator)
+    weight = torch.randn(256, generator=generator)
+    gate_up = torch.randn(64, 256, generator=generator)
+    row_weights = torch.rand(64, generator=generator)
+    runs = []
+    for _ in range(2):
+        norm = _gradients(lambda a, b: cpu_fused.rms_norm(a, b, 1e-6), x, weight, upstream=x.flip(0))
+        act = _gradients(cpu_fused.weighted_swiglu, gate_up, row_weights, upstream=x[:, :128])
+        runs.append((*norm, *act))
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_ops_takes_them_for_float32_cpu_training_on_the_auto_backend(monkeypatch) -> None:
+    x = torch.randn(4, 32)
+    weight = torch.ones(32, requires_grad=True)
+
+    def norm_function():
+        return getattr(type(ops.rms_norm(x, weight, 1e-6).grad_fn), "_forward_cls", None)
+
+    assert norm_function() is cpu_fused._FusedRMSNorm
+    gate, up = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    view = ops.silu_mul(gate, up).grad_fn  # silu_mul views its [rows, F] result back into the input shape
+    assert type(view.next_functions[0][0])._forward_cls is cpu_fused._SiluMul
+    with torch.no_grad():  # inference keeps the reference ops, bitwise
+        assert torch.equal(ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6))
+    with ops.force_backend("torch"):
+        assert norm_function() is rms_norm_grad._RMSNorm
+    monkeypatch.setenv(cpu_fused.ENABLE_ENV, "0")
+    assert not cpu_fused.available()
+    assert norm_function() is rms_norm_grad._RMSNorm
+    assert type(ops.silu_mul(gate, up).grad_fn).__name__ == "MulBackward0"
+
+
+def test_grouped_swiglu_through_ops_matches_the_torch_backend() -> None:
+    generator = torch.Generator().manual_seed(4)
+    experts, hidden, width = 4, 32, 16
+    counts = torch.tensor([5, 0, 9, 2])
+    x = torch.randn(16, hidden, generator=generator)
+    gate_up = torch.randn(experts, 2 * width, hidden, generator=generator) * 0.2
+    down = torch.randn(experts, hidden, width, generator=generator) * 0.2
+    row_weights = torch.rand(16, generator=generator)
+    upstream = torch.randn(16, hidden, generator=generator)
+    results = []
+    for name in ("auto", "torch"):
+        with ops.force_backend(name):
+            results.append(
+                _gradients(
+                    lambda *a: ops.grouped_swiglu(a[0], counts, *a[1:]),
+                    x,
+                    gate_up,
+                    down,
+                    row_weights,
+                    upstream=upstream,
+                )
+            )
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path) -> None:
+    check = """
+        import torch
+        from dsv3.kernels import cpu_fused, ops
+        weight = torch.ones(8, requires_grad=True)
+        out = ops.rms_norm(torch.randn(2, 8), weight, 1e-6)
+        out.sum().backward()
+        print(cpu_fused.available(), type(out.grad_fn).__name__, weight.grad is not None)
+    """
+    built = _run(check, DSV3_KERNEL_CACHE=str(tmp_path / "fresh"))
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.split() == ["True", "_FusedRMSNormBackward", "True"]
+    assert list((tmp_path / "fresh").glob("cpu_fused-*.so"))
+    missing = _run(check, DSV3_KERNEL_CACHE=str(tmp_path / "none"), CC=str(tmp_path / "no-such-cc"))
+    assert missing.returncode == 0, missing.stderr
+    assert missing.stdout.split() == ["False", "_RMSNormBackward", "True"]
+    assert "no C compiler" in missing.stderr
+    broken = _run(check, DSV3_KERNEL_CACHE=str(tmp_path / "broken"), CC="false")
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stdout.split()[0] == "False" and "could not build" in broken.stderr
