@@ -32,6 +32,7 @@ from dsv3.serving import telemetry
 from dsv3.tokenizer import copy_tokenizer_files, load_tokenizer
 from dsv3.trainer.allocator import keep_freed_memory
 from dsv3.trainer.anomaly import Action, AnomalyDetector, Thresholds, agree
+from dsv3.trainer.collector import freeze_startup_objects
 from dsv3.trainer.config import Layout, SettingsError, TrainConfig
 from dsv3.trainer.data import PackedSequences, token_stream
 from dsv3.trainer.export import export_model
@@ -315,6 +316,7 @@ def _run(
     detector = AnomalyDetector(Thresholds.of(config))
     watchdog = StallWatchdog(config.stall_timeout, reaction.stalled).start()
     observer = TrainerTelemetry(layout.rank, config.job, config.metrics_port)
+    freeze_startup_objects()  # set-up is over: what exists now lives as long as the run
     last_loss, window_start, window_tokens, rate = None, time.perf_counter(), 0, 0.0
     run_start, run_tokens = time.perf_counter(), 0
     while run.step < config.steps:
