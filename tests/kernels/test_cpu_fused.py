@@ -189,3 +189,63 @@ def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path) -> Non
     broken = _run(check, DSV3_KERNEL_CACHE=str(tmp_path / "broken"), CC="false")
     assert broken.returncode == 0, broken.stderr
     assert broken.stdout.split()[0] == "False" and "could not build" in broken.stderr
+
+
+@pytest.mark.parametrize(
+    "change", [{}, {"q_lora_rank": None}, {"v_head_dim": 24}], ids=["lora", "q_proj", "v24"]
+)
+def test_mla_heads_match_the_attention_modules_own_heads(change: dict) -> None:
+    """The fused kernel against `MultiHeadLatentAttention._heads` run in float64: q, k, v and the
+    gradients of every projection weight and of the input."""
+    from dsv3.model import ModelConfig
+    from dsv3.model.attention import MultiHeadLatentAttention
+    from dsv3.model.rope import RotaryEmbedding
+
+    config = ModelConfig.from_hf_config(ModelConfig.flavour("debug").to_hf_config() | change)
+    torch.manual_seed(5)
+    reference_module = MultiHeadLatentAttention(config).double()
+    for param in reference_module.parameters():
+        torch.nn.init.normal_(param, std=0.3)
+    fused_module = MultiHeadLatentAttention(config)
+    fused_module.load_state_dict(reference_module.state_dict())
+    cos, sin = RotaryEmbedding(config)(torch.arange(11))
+    x = torch.randn(2, 11, config.hidden_size, dtype=torch.float64)
+    upstream = [torch.randn(2, config.num_attention_heads, 11, config.qk_head_dim, dtype=torch.float64)]
+    upstream += [upstream[0].flip(2), upstream[0].flip(3)]
+    results = []
+    for module, dtype in ((reference_module, torch.float64), (fused_module, torch.float32)):
+        xi = x.to(dtype).detach().requires_grad_()
+        heads = (module._heads if dtype == torch.float64 else module._heads_fused)(
+            xi, cos.to(dtype), sin.to(dtype)
+        )
+        torch.autograd.backward(heads, [u.to(dtype) for u in upstream])
+        grads = [p.grad for name, p in module.named_parameters() if not name.startswith("o_proj")]
+        results.append((*heads, xi.grad, *grads))
+    for fused, expected in zip(results[1], results[0], strict=True):
+        _close(fused, expected, 5e-6)  # o_proj, outside the heads, is the only parameter without a gradient
+    q, k, v = results[1][:3]
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert (v[..., config.v_head_dim :] == 0).all()
+
+
+def test_a_model_trains_the_same_with_the_kernels_on_and_off(monkeypatch) -> None:
+    """The whole debug model (MoE, MTP, balance loss): one loss and every gradient, kernels on and off."""
+    from dsv3.model import DeepSeekV3, ModelConfig
+    from dsv3.model.loss import language_model_loss
+
+    torch.manual_seed(6)
+    model = DeepSeekV3(ModelConfig.flavour("debug")).train()
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(6))
+    runs = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv(cpu_fused.ENABLE_ENV, enabled)
+        model.zero_grad(set_to_none=True)
+        loss = language_model_loss(model(ids), ids, 0.3, 1e-3).total
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_on, grads_on), (loss_off, grads_off) = runs
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=0)
+    for on, off in zip(grads_on, grads_off, strict=True):
+        assert (on is None) == (off is None)
+        if on is not None:
+            torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-7)

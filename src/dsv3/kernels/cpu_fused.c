@@ -140,3 +140,86 @@ void dsv3_swiglu_backward(const float *dh, const float *gate, const float *up, l
         if (drw != NULL) drw[row] = total;
     }
 }
+
+/* MLA's per-head attention inputs, [B, H, T, Q] each (Q = U + R), from the projections' outputs:
+ *   q_out[b,h,t] = [q_nope | rot(q_rope)]           from q   [B, T, H*Q]      (rows q_stride apart)
+ *   k_out[b,h,t] = [k_nope | rot(rope_key)]         from kv  [B, T, H*(U+A)] (rows kv_stride apart)
+ *                                                    and rope_key [B, T, R]  (rows rk_stride apart)
+ *   v_out[b,h,t] = [v | 0 ... 0]                     v from kv, zero-padded to Q (one head width)
+ * rot turns each interleaved pair (x0, x1) by the position's angle: (x0 c - x1 s, x0 s + x1 c), with
+ * cos/sin [T, R/2]. */
+void dsv3_mla_heads_forward(const float *q, long q_stride, const float *kv, long kv_stride,
+                            const float *rope_key, long rk_stride, const float *cos_t, const float *sin_t,
+                            long batch, long tokens, long heads, long nope, long rope, long vdim,
+                            float *q_out, float *k_out, float *v_out) {
+    const long width = nope + rope, half = rope / 2, kv_head = nope + vdim;
+    for (long b = 0; b < batch; b++) {
+        for (long t = 0; t < tokens; t++) {
+            const long row = b * tokens + t;
+            const float *restrict qr = q + row * q_stride;
+            const float *restrict kvr = kv + row * kv_stride;
+            const float *restrict rk = rope_key + row * rk_stride;
+            const float *restrict c = cos_t + t * half;
+            const float *restrict s = sin_t + t * half;
+            for (long h = 0; h < heads; h++) {
+                const long out = ((b * heads + h) * tokens + t) * width;
+                float *restrict qo = q_out + out;
+                float *restrict ko = k_out + out;
+                float *restrict vo = v_out + out;
+                const float *restrict qh = qr + h * width;
+                const float *restrict kh = kvr + h * kv_head;
+                for (long i = 0; i < nope; i++) qo[i] = qh[i];
+                for (long i = 0; i < nope; i++) ko[i] = kh[i];
+                for (long i = 0; i < half; i++) {
+                    const float x0 = qh[nope + 2 * i], x1 = qh[nope + 2 * i + 1];
+                    qo[nope + 2 * i] = x0 * c[i] - x1 * s[i];
+                    qo[nope + 2 * i + 1] = x0 * s[i] + x1 * c[i];
+                    const float y0 = rk[2 * i], y1 = rk[2 * i + 1];
+                    ko[nope + 2 * i] = y0 * c[i] - y1 * s[i];
+                    ko[nope + 2 * i + 1] = y0 * s[i] + y1 * c[i];
+                }
+                for (long i = 0; i < vdim; i++) vo[i] = kh[nope + i];
+                for (long i = vdim; i < width; i++) vo[i] = 0.0f;
+            }
+        }
+    }
+}
+
+/* The backward of dsv3_mla_heads_forward: from d q_out, d k_out, d v_out [B, H, T, Q] (contiguous) to
+ * d q [B, T, H*Q], d kv [B, T, H*(U+A)] and d rope_key [B, T, R] (contiguous; the rope key's gradient
+ * sums its heads in head order). The inverse rotation turns by minus the angle. */
+void dsv3_mla_heads_backward(const float *dq_out, const float *dk_out, const float *dv_out,
+                             const float *cos_t, const float *sin_t, long batch, long tokens, long heads,
+                             long nope, long rope, long vdim, float *dq, float *dkv, float *drope_key) {
+    const long width = nope + rope, half = rope / 2, kv_head = nope + vdim;
+    for (long b = 0; b < batch; b++) {
+        for (long t = 0; t < tokens; t++) {
+            const long row = b * tokens + t;
+            float *restrict dqr = dq + row * heads * width;
+            float *restrict dkvr = dkv + row * heads * kv_head;
+            float *restrict drk = drope_key + row * rope;
+            const float *restrict c = cos_t + t * half;
+            const float *restrict s = sin_t + t * half;
+            for (long i = 0; i < rope; i++) drk[i] = 0.0f;
+            for (long h = 0; h < heads; h++) {
+                const long in = ((b * heads + h) * tokens + t) * width;
+                const float *restrict gq = dq_out + in;
+                const float *restrict gk = dk_out + in;
+                const float *restrict gv = dv_out + in;
+                float *restrict dqh = dqr + h * width;
+                float *restrict dkh = dkvr + h * kv_head;
+                for (long i = 0; i < nope; i++) dqh[i] = gq[i];
+                for (long i = 0; i < nope; i++) dkh[i] = gk[i];
+                for (long i = 0; i < vdim; i++) dkh[nope + i] = gv[i];
+                for (long i = 0; i < half; i++) {
+                    const float g0 = gq[nope + 2 * i], g1 = gq[nope + 2 * i + 1];
+                    dqh[nope + 2 * i] = g0 * c[i] + g1 * s[i];
+                    dqh[nope + 2 * i + 1] = g1 * c[i] - g0 * s[i];
+                    const float k0 = gk[nope + 2 * i], k1 = gk[nope + 2 * i + 1];
+                    drk[2 * i] += k0 * c[i] + k1 * s[i];
+                    drk[2 * i + 1] += k1 * c[i] - k0 * s[i];
+                }
+            }
+        }
+    }
+}

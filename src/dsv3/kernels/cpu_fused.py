@@ -48,6 +48,21 @@ _SIGNATURES = {
     "dsv3_rms_norm_backward": (_ptr, _long, _ptr, _long, _long, _long, _ptr, _ptr, _ptr, _ptr),
     "dsv3_swiglu_forward": (_ptr, _ptr, _long, _long, _long, _ptr, _ptr),
     "dsv3_swiglu_backward": (_ptr, _ptr, _ptr, _long, _long, _long, _ptr, _ptr, _ptr, _long, _ptr),
+    "dsv3_mla_heads_forward": (
+        _ptr,
+        _long,
+        _ptr,
+        _long,
+        _ptr,
+        _long,
+        _ptr,
+        _ptr,
+        *(_long,) * 6,
+        _ptr,
+        _ptr,
+        _ptr,
+    ),
+    "dsv3_mla_heads_backward": (_ptr, _ptr, _ptr, _ptr, _ptr, *(_long,) * 6, _ptr, _ptr, _ptr),
 }
 
 
@@ -246,3 +261,57 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate_rows = gate.reshape(-1, shape[-1]).contiguous()
     up_rows = up.reshape(-1, shape[-1]).contiguous()
     return _SiluMul.apply(gate_rows, up_rows).view(shape)
+
+
+class _MLAHeads(torch.autograd.Function):
+    """MLA's per-head q, k, v [B, H, T, Q] from the projections (see `mla_heads`), in one pass."""
+
+    @staticmethod
+    def forward(ctx, q, kv, rope_key, cos, sin, heads: int, nope: int, vdim: int):  # type: ignore[override]
+        batch, tokens, _ = q.shape
+        width = q.shape[-1] // heads
+        rope = width - nope
+        q, kv, rope_key = (_rows(t) for t in (q, kv, rope_key))
+        cos, sin = cos.contiguous(), sin.contiguous()
+        q_out, k_out, v_out = (torch.empty(batch, heads, tokens, width, dtype=q.dtype) for _ in range(3))
+        _library().dsv3_mla_heads_forward(
+            q.data_ptr(), q.stride(0), kv.data_ptr(), kv.stride(0), rope_key.data_ptr(), rope_key.stride(0),
+            cos.data_ptr(), sin.data_ptr(), batch, tokens, heads, nope, rope, vdim,
+            q_out.data_ptr(), k_out.data_ptr(), v_out.data_ptr(),
+        )  # fmt: skip
+        ctx.save_for_backward(cos, sin)
+        ctx.dims = (batch, tokens, heads, nope, rope, vdim)
+        return q_out, k_out, v_out
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        batch, tokens, heads, nope, rope, vdim = ctx.dims
+        zeros = torch.zeros(batch, heads, tokens, nope + rope, dtype=cos.dtype)
+        grad_q, grad_k, grad_v = (zeros if g is None else g.contiguous() for g in (grad_q, grad_k, grad_v))
+        dq = torch.empty(batch, tokens, heads * (nope + rope), dtype=cos.dtype)
+        dkv = torch.empty(batch, tokens, heads * (nope + vdim), dtype=cos.dtype)
+        drope_key = torch.empty(batch, tokens, rope, dtype=cos.dtype)
+        _library().dsv3_mla_heads_backward(
+            grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            batch, tokens, heads, nope, rope, vdim, dq.data_ptr(), dkv.data_ptr(), drope_key.data_ptr(),
+        )  # fmt: skip
+        return dq, dkv, drope_key, None, None, None, None, None
+
+
+def mla_heads(
+    q_BTX: torch.Tensor,
+    kv_BTY: torch.Tensor,
+    rope_key_BTR: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    nope: int,
+    vdim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-head latent attention's SDPA inputs, each [B, H, T, Q] contiguous, for float32 CPU tensors:
+    q = [q_nope | rot(q_rope)] per head from `q_BTX` [B, T, H*Q]; k = [k_nope | rot(rope_key)] with the
+    one rope key shared by every head, k_nope from `kv_BTY` [B, T, H*(U+A)]; v from `kv_BTY`, zero-padded
+    to width Q. cos/sin [T, R/2] as `dsv3.model.rope`. Replaces a split, two rotations, two concatenations,
+    an expand, a pad and their backward ops."""
+    return _MLAHeads.apply(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)

@@ -104,6 +104,12 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def fused_cpu_training(*tensors: torch.Tensor) -> bool:
+    """Whether autograd needs these float32 CPU tensors' gradients and the fused CPU training kernels
+    (`cpu_fused`) are on: where the model calls `cpu_fused` kernels that have no other backend."""
+    return _needs_grad(*tensors) and _use_cpu_fused(*tensors)
+
+
 def _use_cpu_fused(*tensors: torch.Tensor) -> bool:
     """The fused CPU training kernels (`cpu_fused`): float32 CPU tensors, the "auto" backend."""
     return (

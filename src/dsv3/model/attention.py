@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.kernels import cpu_fused, ops
 from dsv3.model.cache import KVCache
 from dsv3.model.config import ModelConfig
 from dsv3.model.layers import RMSNorm
@@ -53,15 +54,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
 
     # ---- shared projections ----------------------------------------------------------------------
+    def _query_projection(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """Every head's query, unrotated: [B, T, H*Q]."""
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x_BTD)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+
     def _queries(
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (q_nope [B,T,H,U], rotated q_rope [B,T,H,R])."""
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x_BTD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BTHQ = q.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
+        q_BTHQ = self._query_projection(x_BTD).unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
         q_nope, q_rope = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
 
@@ -76,6 +79,30 @@ class MultiHeadLatentAttention(nn.Module):
     # ---- full path -------------------------------------------------------------------------------
     def forward_full(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x_BTD.shape
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.v_dim <= qk_dim and ops.fused_cpu_training(x_BTD, self.kv_b_proj.weight):
+            q_BHTQ, k_BHTQ, v_BHTQ = self._heads_fused(x_BTD, cos, sin)
+        else:
+            q_BHTQ, k_BHTQ, v_BHTQ = self._heads(x_BTD, cos, sin)
+        out_BHTQ = F.scaled_dot_product_attention(
+            q_BHTQ, k_BHTQ, v_BHTQ, is_causal=True, scale=self.softmax_scale
+        )
+        out_BTHA = out_BHTQ[..., : self.v_dim].transpose(1, 2)
+        return self.o_proj(out_BTHA.reshape(batch, tokens, self.num_heads * self.v_dim))
+
+    def _heads_fused(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_heads` in one fused CPU kernel (float32 training): same values, one pass."""
+        q = self._query_projection(x_BTD)
+        latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        return cpu_fused.mla_heads(q, kv, rope_key, cos, sin, self.num_heads, self.nope_dim, self.v_dim)
+
+    def _heads(
+        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SDPA's q, k [B, H, T, Q] and v [B, H, T, max(A, Q)]: V zero-padded to the query width."""
         q_nope, q_rope = self._queries(x_BTD, cos, sin)
         latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
         kv_per_head = self.kv_b_proj(latent_BTC).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
@@ -88,11 +115,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.v_dim < qk_dim:
             # Fused (flash) SDPA kernels want one head width; zero columns of V add zero output columns.
             v_BHTA = F.pad(v_BHTA, (0, qk_dim - self.v_dim))  # now [B, H, T, Q]
-        out_BHTQ = F.scaled_dot_product_attention(
-            q_BHTQ, k_BHTQ, v_BHTA, is_causal=True, scale=self.softmax_scale
-        )
-        out_BTHA = out_BHTQ[..., : self.v_dim].transpose(1, 2)
-        return self.o_proj(out_BTHA.reshape(batch, tokens, self.num_heads * self.v_dim))
+        return q_BHTQ, k_BHTQ, v_BHTA
 
     # ---- absorbed, cached path -------------------------------------------------------------------
     def forward_cached(
