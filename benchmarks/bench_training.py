@@ -4,9 +4,10 @@ Same config (`benchmarks/train_small.json`: hidden 256, 4 layers with 1 dense, 1
 groups, MLA q 96 / kv 64), same initial weights, same batches (8 x 256 byte tokens of the stdlib corpus),
 same AdamW settings and gradient clipping. The trainer runs its real loop (`dsv3.trainer.loop.train`,
 which also does the balance loss and the bias update); the transformers loop is the usual
-forward / cross-entropy / backward / clip / step. A third row runs the trainer with
-`--concurrent-passes 1` (one forward/backward pass per micro-batch), so what the concurrent passes add
-shows in the same run. Runs alternate so machine noise hits all alike; the best round of each is kept.
+forward / cross-entropy / backward / clip / step. Two more rows run the trainer with
+`--concurrent-passes 1` (one forward/backward pass per micro-batch) and with `DSV3_CPU_KERNELS=0`
+(torch's ops instead of the fused C kernels of `dsv3.kernels.cpu_fused`), so what each adds shows in the
+same run. Runs alternate so machine noise hits all alike; the best round of each is kept.
 With `--isolate` every round runs in a fresh process, so each loop runs as it ships: the trainer sets
 its malloc thresholds (`dsv3.trainer.allocator`) and transformers keeps glibc's defaults; without it
 all share this process, and the transformers rounds after the first trainer round get the trainer's
@@ -31,6 +32,7 @@ import datetime
 import functools
 import json
 import multiprocessing
+import os
 import platform
 import tempfile
 import time
@@ -39,6 +41,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from dsv3.kernels import cpu_fused
 from dsv3.model import DeepSeekV3, ModelConfig
 from dsv3.tokenizer import ByteTokenizer, token_stream
 from dsv3.trainer.config import TrainConfig
@@ -75,6 +78,19 @@ def _trainer_round(steps: int, out: Path, **options) -> float:
         **options,
     )
     return train(config).tokens_per_s
+
+
+def _trainer_round_torch_ops(steps: int, out: Path) -> float:
+    """The trainer with its fused C kernels off (`DSV3_CPU_KERNELS=0`): torch's ops everywhere."""
+    previous = os.environ.get(cpu_fused.ENABLE_ENV)
+    os.environ[cpu_fused.ENABLE_ENV] = "0"
+    try:
+        return _trainer_round(steps, out)
+    finally:
+        if previous is None:
+            del os.environ[cpu_fused.ENABLE_ENV]
+        else:
+            os.environ[cpu_fused.ENABLE_ENV] = previous
 
 
 def _step_peak_mib(options: dict, threads: int) -> float:
@@ -174,24 +190,26 @@ def main() -> None:
 
     model_config = ModelConfig.from_hf_config(CONFIG)
     data = _data(model_config)
-    best = {"dsv3 trainer": 0.0, "transformers + AdamW": 0.0, "dsv3, one pass": 0.0}
+    best = {"dsv3 trainer": 0.0, "transformers + AdamW": 0.0, "dsv3, one pass": 0.0, "dsv3, torch ops": 0.0}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)  # the trainer's initial weights (it seeds the same way)
         DeepSeekV3(model_config).save_pretrained(Path(tmp) / "init")
         run, weights = Path(tmp) / "run", Path(tmp) / "init"
-        one_pass = functools.partial(_trainer_round, concurrent_passes=1)
+        transformers_round = (
+            functools.partial(_transformers_round_fresh, args.steps, weights)
+            if args.isolate
+            else functools.partial(_transformers_round, args.steps, weights, data)
+        )
+        contenders = {
+            "dsv3 trainer": functools.partial(_trainer_round, args.steps, run),
+            "transformers + AdamW": transformers_round,
+            "dsv3, one pass": functools.partial(_trainer_round, args.steps, run, concurrent_passes=1),
+            "dsv3, torch ops": functools.partial(_trainer_round_torch_ops, args.steps, run),
+        }
         for _ in range(args.rounds):
-            if args.isolate:
-                ours = _in_fresh_process(args.threads, _trainer_round, args.steps, run)
-                theirs = _in_fresh_process(args.threads, _transformers_round_fresh, args.steps, weights)
-                single = _in_fresh_process(args.threads, one_pass, args.steps, run)
-            else:
-                ours = _trainer_round(args.steps, run)
-                theirs = _transformers_round(args.steps, weights, data)
-                single = one_pass(args.steps, run)
-            best["dsv3 trainer"] = max(best["dsv3 trainer"], ours)
-            best["transformers + AdamW"] = max(best["transformers + AdamW"], theirs)
-            best["dsv3, one pass"] = max(best["dsv3, one pass"], single)
+            for name, contender in contenders.items():
+                rate = _in_fresh_process(args.threads, contender) if args.isolate else contender()
+                best[name] = max(best[name], rate)
         memory = _memory_table(args.rounds, args.steps, args.threads, Path(tmp))
     speedup = best["dsv3 trainer"] / best["transformers + AdamW"]
     print(
@@ -205,7 +223,8 @@ def main() -> None:
     print(f"speed-up {speedup:.2f}x (goal >= {GOAL}x: {'met' if speedup >= GOAL else 'NOT met'})")
     print(
         f"without concurrent passes (--concurrent-passes 1): "
-        f"{best['dsv3, one pass'] / best['transformers + AdamW']:.2f}x"
+        f"{best['dsv3, one pass'] / best['transformers + AdamW']:.2f}x; without the fused C kernels "
+        f"(DSV3_CPU_KERNELS=0): {best['dsv3, torch ops'] / best['transformers + AdamW']:.2f}x"
     )
     header = f"{'tokens/s':>8} | {'vs none':>7} | {'step peak MiB':>13} | {'vs none':>7}"
     print(f"\n{'memory option':>22} | {header}")

@@ -169,7 +169,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path) -> None:
+def test_a_fresh_cache_builds_a_blocked_one_falls_back_to_tmp_and_no_compiler_to_torch(tmp_path) -> None:
     check = """
         import torch
         from dsv3.kernels import cpu_fused, ops
@@ -186,6 +186,13 @@ def test_a_fresh_cache_builds_and_a_missing_compiler_falls_back(tmp_path) -> Non
     assert missing.returncode == 0, missing.stderr
     assert missing.stdout.split() == ["False", "_RMSNormBackward", "True"]
     assert "no C compiler" in missing.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")  # an unusable cache directory (root ignores read-only modes)
+    (tmp_path / "tmp").mkdir()
+    fallback = _run(check, DSV3_KERNEL_CACHE=str(blocked / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    assert fallback.returncode == 0, fallback.stderr
+    assert fallback.stdout.split()[0] == "True"
+    assert list((tmp_path / "tmp").glob(f"dsv3-{os.getuid()}/cpu_fused-*.so"))
     broken = _run(check, DSV3_KERNEL_CACHE=str(tmp_path / "broken"), CC="false")
     assert broken.returncode == 0, broken.stderr
     assert broken.stdout.split()[0] == "False" and "could not build" in broken.stderr

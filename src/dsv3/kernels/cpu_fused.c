@@ -1,9 +1,11 @@
-/* Fused float32 CPU kernels for training: RMSNorm and (weighted) SwiGLU, forward and backward.
+/* Fused float32 CPU kernels for training: RMSNorm, (weighted) SwiGLU and MLA's per-head q, k, v
+ * assembly, forward and backward.
  *
- * Why: on the CPU these are memory-bound chains of 4-12 torch ops each (square, mean, rsqrt, products;
- * sigmoid, products, their gradients), every op a full pass over the activations. Here each is one pass
- * over its inputs. Loaded through ctypes by dsv3/kernels/cpu_fused.py, which compiles this file once per
- * machine; ctypes releases the GIL for the call, so concurrent training passes overlap in these too.
+ * Why: on the CPU these are memory-bound chains of 4-20 torch ops each (square, mean, rsqrt, products;
+ * sigmoid, products; rotations, concatenations, padding; their gradients), every op a full pass over
+ * the activations. Here each is one pass over its inputs. Loaded through ctypes by
+ * dsv3/kernels/cpu_fused.py, which compiles this file once per machine; ctypes releases the GIL for the
+ * call, so concurrent training passes overlap in these too.
  *
  * Every kernel is single-threaded and deterministic: a reduction always adds in the same order (16
  * partial sums per row, then the lanes in order). Rows are `stride` floats apart; within a row the

@@ -1,8 +1,10 @@
-"""Fused float32 CPU training kernels (`cpu_fused.c`): RMSNorm and SwiGLU, forward and backward.
+"""Fused float32 CPU training kernels (`cpu_fused.c`): RMSNorm, SwiGLU and MLA's per-head q, k, v
+assembly, forward and backward.
 
 Why: on the CPU the trainer's step is dominated, after the GEMMs, by memory-bound elementwise chains:
-RMSNorm is 4 torch ops forward and 6 backward, the weighted SwiGLU 3 and 8, each a full pass over the
-activations. Each kernel here makes one pass. Measured on the 2-core Xeon box (benchmarks/RESULTS.md).
+RMSNorm is 4 torch ops forward and 6 backward, the weighted SwiGLU 3 and 8, MLA's rope, concatenations
+and V padding about 20, each a full pass over the activations. Each kernel here makes one pass.
+Measured on the 2-core Xeon box: benchmarks/RESULTS.md, "Trainer speed, fifth pass".
 
 The C source is compiled once per machine with the system C compiler (`$CC`, else `cc`) into a cache
 directory (`$DSV3_KERNEL_CACHE`, else `$XDG_CACHE_HOME/dsv3` or `~/.cache/dsv3`), under a name that
@@ -25,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -111,8 +114,17 @@ def _compile(compiler: str, target: Path) -> bool:
     return False
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()
+
+
 def _library() -> ctypes.CDLL | None:
+    """The loaded library, built on first use; one build per process even when pass threads race."""
+    with _BUILD_LOCK:
+        return _load()
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         log.warning("cpu_fused: no C compiler (cc or $CC); using the torch ops")
@@ -121,17 +133,23 @@ def _library() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         b"\0".join(s.encode() for s in (SOURCE.read_text(), compiler, version, _cpu_identity()))
     ).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_fused-{key}.so"
-    try:
-        if not target.exists() and not _compile(compiler, target):
-            log.warning("cpu_fused: %s could not build %s; using the torch ops", compiler, SOURCE.name)
-            return None
-        library = ctypes.CDLL(str(target))
-    except OSError as error:
-        log.warning("cpu_fused: cannot build or load %s (%s); using the torch ops", target, error)
+    name = f"cpu_fused-{key}.so"
+    # a read-only home (a container's) falls back to the temporary directory
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / f"dsv3-{os.getuid()}"):
+        target = directory / name
+        try:
+            if not target.exists() and not _compile(compiler, target):
+                log.warning("cpu_fused: %s could not build %s; using the torch ops", compiler, SOURCE.name)
+                return None
+            library = ctypes.CDLL(str(target))
+            break
+        except OSError as error:
+            log.warning("cpu_fused: cannot build or load %s (%s)", target, error)
+    else:
+        log.warning("cpu_fused: no usable cache directory; using the torch ops")
         return None
-    for name, argtypes in _SIGNATURES.items():
-        function = getattr(library, name)
+    for function_name, argtypes in _SIGNATURES.items():
+        function = getattr(library, function_name)
         function.argtypes = argtypes
         function.restype = None
     return library

@@ -11,9 +11,13 @@ kernels in Triton's interpreter and needs `TRITON_INTERPRET=1` set before Triton
 The Triton bf16 MoE path has no backward: when autograd needs gradients the reference runs instead
 (`grouped_swiglu_fp8_training` has its own, FP8, backward).
 
-Ops: rms_norm; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant, fp8_gemm, fp8_linear;
-grouped experts (rows already grouped by expert: `dsv3.model.dispatch` permutes): grouped_gemm,
-grouped_gemm_fp8, grouped_swiglu, grouped_swiglu_fp8; FP8 training of the experts:
+On the CPU, float32 training (autograd needs the gradients) takes the fused C kernels of `cpu_fused`
+on the "auto" backend when they are built (`DSV3_CPU_KERNELS=0` turns them off): rms_norm, silu_mul,
+grouped_swiglu's activation, and MLA's head assembly (`fused_cpu_training` tells the model when).
+
+Ops: rms_norm, silu_mul; FP8 (DeepSeek-V3 fine-grained): act_quant, weight_quant, weight_dequant,
+fp8_gemm, fp8_linear; grouped experts (rows already grouped by expert: `dsv3.model.dispatch` permutes):
+grouped_gemm, grouped_gemm_fp8, grouped_swiglu, grouped_swiglu_fp8; FP8 training of the experts:
 grouped_swiglu_fp8_training.
 """
 
