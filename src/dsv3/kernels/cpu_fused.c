@@ -225,3 +225,29 @@ void dsv3_mla_heads_backward(const float *dq_out, const float *dk_out, const flo
         }
     }
 }
+
+/* The MoE's permutation: out[i] = src[index[i] / divisor] (rows of `dim` floats; src rows `src_stride`
+ * apart, out contiguous). With index = order and divisor = K it sends each (token, choice) row to its
+ * place in expert order. */
+void dsv3_gather_rows(const float *src, long src_stride, const long *index, long divisor, long rows,
+                      long dim, float *out) {
+    for (long i = 0; i < rows; i++) {
+        const float *restrict s = src + (index[i] / divisor) * src_stride;
+        float *restrict o = out + i * dim;
+        for (long j = 0; j < dim; j++) o[j] = s[j];
+    }
+}
+
+/* The un-permutation: out[t] = sum over k < K of src[inverse[t K + k]], added in choice order k (one
+ * pass, every output row written once: no zero fill, no scatter). */
+void dsv3_sum_rows(const float *src, const long *inverse, long tokens, long top_k, long dim, float *out) {
+    for (long t = 0; t < tokens; t++) {
+        float *restrict o = out + t * dim;
+        const float *restrict first = src + inverse[t * top_k] * dim;
+        for (long j = 0; j < dim; j++) o[j] = first[j];
+        for (long k = 1; k < top_k; k++) {
+            const float *restrict s = src + inverse[t * top_k + k] * dim;
+            for (long j = 0; j < dim; j++) o[j] += s[j];
+        }
+    }
+}

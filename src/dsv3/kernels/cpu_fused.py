@@ -66,6 +66,8 @@ _SIGNATURES = {
         _ptr,
     ),
     "dsv3_mla_heads_backward": (_ptr, _ptr, _ptr, _ptr, _ptr, *(_long,) * 6, _ptr, _ptr, _ptr),
+    "dsv3_gather_rows": (_ptr, _long, _ptr, _long, _long, _long, _ptr),
+    "dsv3_sum_rows": (_ptr, _ptr, _long, _long, _long, _ptr),
 }
 
 
@@ -333,3 +335,63 @@ def mla_heads(
     to width Q. cos/sin [T, R/2] as `dsv3.model.rope`. Replaces a split, two rotations, two concatenations,
     an expand, a pad and their backward ops."""
     return _MLAHeads.apply(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)
+
+
+def _gather(src: torch.Tensor, index: torch.Tensor, divisor: int) -> torch.Tensor:
+    out = torch.empty(index.shape[0], src.shape[1], dtype=src.dtype)
+    _library().dsv3_gather_rows(
+        src.data_ptr(), src.stride(0), index.data_ptr(), divisor, index.shape[0], src.shape[1], out.data_ptr()
+    )
+    return out
+
+
+def _sum(src: torch.Tensor, inverse: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:
+    out = torch.empty(tokens, src.shape[1], dtype=src.dtype)
+    _library().dsv3_sum_rows(src.data_ptr(), inverse.data_ptr(), tokens, top_k, src.shape[1], out.data_ptr())
+    return out
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), dtype=order.dtype)
+    return inverse
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[i] = x[order[i] // K]; the backward sums each token's K row gradients (choice order)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(order)
+        ctx.top_k, ctx.tokens = top_k, x.shape[0]
+        return _gather(_rows(x), order, top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (order,) = ctx.saved_tensors
+        return _sum(grad.contiguous(), _inverse(order), ctx.tokens, ctx.top_k), None, None
+
+
+class _UnpermuteSum(torch.autograd.Function):
+    """y[t] = sum of token t's K rows (choice order); the backward hands each row its token's gradient."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, order: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return _sum(rows.contiguous(), _inverse(order), tokens, top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        (order,) = ctx.saved_tensors
+        return _gather(_rows(grad), order, ctx.top_k), None, None, None
+
+
+def permute_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x_TD[order_N // top_k] for float32 CPU `x_TD` [T, D] and int64 `order_N` (differentiable)."""
+    return _PermuteRows.apply(x_TD, order_N.contiguous(), top_k)
+
+
+def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """y[t] = the sum of token t's rows (row i is token order_N[i] // top_k's): float32 CPU."""
+    return _UnpermuteSum.apply(rows_ND, order_N.contiguous(), num_tokens, top_k)
