@@ -286,3 +286,25 @@ def test_permute_and_unpermute_match_index_select_and_index_add() -> None:
                      upstream=upstream_tokens)  # fmt: skip
     for mine, theirs in zip(got, expected, strict=True):
         _close(mine, theirs)
+
+
+def test_the_ops_wrappers_name_the_bad_argument() -> None:
+    x = torch.randn(4, 8)
+    order = torch.arange(8)
+    with pytest.raises(ops.KernelInputError, match="order must be int64"):
+        ops.permute_rows(x, order.int(), 2)
+    with pytest.raises(ops.KernelInputError, match="x must be"):
+        ops.permute_rows(x[None], order, 2)
+    with pytest.raises(ops.KernelInputError, match="T\\*K = 8"):
+        ops.unpermute_sum(torch.randn(6, 8), order, 4, 2)
+    q, kv, rope_key = torch.randn(1, 3, 2 * 12), torch.randn(1, 3, 2 * 16), torch.randn(1, 3, 4)
+    cos = sin = torch.randn(3, 2)
+    assert ops.mla_heads(q, kv, rope_key, cos, sin, 2, 8, 8)[2].shape == (1, 2, 3, 12)
+    with pytest.raises(ops.KernelInputError, match="kv must be"):
+        ops.mla_heads(q, kv[..., :-1], rope_key, cos, sin, 2, 8, 8)
+    with pytest.raises(ops.KernelInputError, match="rope_key must be"):
+        ops.mla_heads(q, kv, rope_key[..., :2], cos, sin, 2, 8, 8)
+    with pytest.raises(ops.KernelInputError, match="cos/sin"):
+        ops.mla_heads(q, kv, rope_key, cos[:2], sin[:2], 2, 8, 8)
+    with pytest.raises(ops.KernelInputError, match="float32 CPU"):
+        ops.mla_heads(q.double(), kv.double(), rope_key.double(), cos.double(), sin.double(), 2, 8, 8)

@@ -206,6 +206,76 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return reference.rms_norm(x, weight, eps)
 
 
+def mla_heads(
+    q_BTX: torch.Tensor,
+    kv_BTY: torch.Tensor,
+    rope_key_BTR: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    nope: int,
+    vdim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's SDPA inputs q, k, v [B, H, T, Q] in one fused CPU pass (`cpu_fused.mla_heads`): float32 CPU
+    tensors with the fused kernels on only; elsewhere the model composes them from torch ops itself."""
+    op = "mla_heads"
+    _check(
+        q_BTX.dim() == 3 and q_BTX.shape[-1] % heads == 0,
+        f"{op}: q must be [B, T, H*Q], got {tuple(q_BTX.shape)}",
+    )
+    width = q_BTX.shape[-1] // heads
+    rope = width - nope
+    _check(nope >= 0 and rope > 0 and rope % 2 == 0, f"{op}: nope={nope} leaves {rope} rope dims (even, > 0)")
+    _check(0 < vdim <= width, f"{op}: vdim={vdim} must be in (0, Q={width}]")
+    tokens = tuple(q_BTX.shape[:2])
+    _check(
+        tuple(kv_BTY.shape) == (*tokens, heads * (nope + vdim)),
+        f"{op}: kv must be [B, T, H*(U+A)] = {(*tokens, heads * (nope + vdim))}, got {tuple(kv_BTY.shape)}",
+    )
+    _check(
+        tuple(rope_key_BTR.shape) == (*tokens, rope),
+        f"{op}: rope_key must be [B, T, R] = {(*tokens, rope)}, got {tuple(rope_key_BTR.shape)}",
+    )
+    _check(
+        tuple(cos.shape) == tuple(sin.shape) == (tokens[1], rope // 2),
+        f"{op}: cos/sin must be [T, R/2] = {(tokens[1], rope // 2)}, "
+        f"got {tuple(cos.shape)} and {tuple(sin.shape)}",
+    )
+    _check(
+        _use_cpu_fused(q_BTX, kv_BTY, rope_key_BTR, cos, sin),
+        f"{op}: float32 CPU tensors and the fused CPU kernels on (the model checks fused_cpu_training)",
+    )
+    return cpu_fused.mla_heads(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)
+
+
+def permute_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The MoE's dispatched rows in expert order, x_TD[order_N // top_k] [N, D]: fused for float32 CPU
+    training (its backward a gather-sum, no scatter), else torch's index_select."""
+    _check(x_TD.dim() == 2, f"permute_rows: x must be [T, D], got {tuple(x_TD.shape)}")
+    _check(
+        order_N.dim() == 1 and order_N.dtype == torch.int64 and order_N.shape[0] == x_TD.shape[0] * top_k,
+        f"permute_rows: order must be int64 [T*K = {x_TD.shape[0] * top_k}], got {order_N.dtype} "
+        f"{tuple(order_N.shape)}",
+    )
+    if fused_cpu_training(x_TD):
+        return cpu_fused.permute_rows(x_TD, order_N, top_k)
+    return x_TD.index_select(0, order_N // top_k)
+
+
+def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """y[t] = the sum of token t's K rows (row i is token order_N[i] // K's), in one fused CPU pass that
+    adds in choice order (`cpu_fused.unpermute_sum`): float32 CPU rows with the fused kernels on only;
+    elsewhere `dsv3.model.dispatch.unpermute_sum` adds with torch ops."""
+    _check(
+        rows_ND.dim() == 2 and rows_ND.shape[0] == num_tokens * top_k == order_N.shape[0],
+        f"unpermute_sum: rows {tuple(rows_ND.shape)} and order {tuple(order_N.shape)} must both hold "
+        f"T*K = {num_tokens * top_k} rows",
+    )
+    _check(order_N.dtype == torch.int64, f"unpermute_sum: order must be int64, got {order_N.dtype}")
+    _check(_use_cpu_fused(rows_ND), "unpermute_sum: float32 CPU rows with the fused CPU kernels on only")
+    return cpu_fused.unpermute_sum(rows_ND, order_N, num_tokens, top_k)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (the dense SwiGLU's activation); fused on the CPU when training in float32."""
     _check(gate.shape == up.shape, f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3.kernels import cpu_fused, ops
+from dsv3.kernels import ops
 from dsv3.model.cache import KVCache
 from dsv3.model.config import ModelConfig
 from dsv3.model.layers import RMSNorm
@@ -97,7 +97,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = self._query_projection(x_BTD)
         latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))
-        return cpu_fused.mla_heads(q, kv, rope_key, cos, sin, self.num_heads, self.nope_dim, self.v_dim)
+        return ops.mla_heads(q, kv, rope_key, cos, sin, self.num_heads, self.nope_dim, self.v_dim)
 
     def _heads(
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

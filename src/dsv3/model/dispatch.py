@@ -15,8 +15,9 @@ runs, so one process, expert-parallel training and gRPC expert shards all give t
 - The router's remote dispatcher (expert shards over gRPC) lives in the router service.
 
 Permutation and un-permutation are written once here (`sort_by_expert`, `unpermute_sum`) for every
-backend; kernels only compute the grouped experts. Shapes follow the legend in README.md (T tokens,
-D hidden, E experts, K experts per token, N = T*K dispatched rows, W ranks).
+backend; kernels compute the grouped experts, and for float32 CPU training also the row gather and the
+token sum (`ops.permute_rows`, `ops.unpermute_sum`: fused, each other's backward). Shapes follow the
+legend in README.md (T tokens, D hidden, E experts, K experts per token, N = T*K dispatched rows, W ranks).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from dsv3.kernels import cpu_fused, ops
+from dsv3.kernels import ops
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int,
     would use atomics, so rows are gathered back into (token, choice) order and summed per token instead.
     """
     if ops.fused_cpu_training(rows_ND):
-        return cpu_fused.unpermute_sum(rows_ND, order_N, num_tokens, top_k)
+        return ops.unpermute_sum(rows_ND, order_N, num_tokens, top_k)
     acc = torch.promote_types(rows_ND.dtype, torch.float32)  # float64 stays float64
     rows = rows_ND.to(acc)
     if rows_ND.device.type == "cpu":
@@ -104,13 +105,6 @@ def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int,
     else:
         y_TD = sum_by_gathering(rows, order_N, num_tokens, top_k)
     return y_TD.to(rows_ND.dtype)
-
-
-def permute_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The dispatched rows in expert order: x_TD[order_N // top_k] [N, D]."""
-    if ops.fused_cpu_training(x_TD):
-        return cpu_fused.permute_rows(x_TD, order_N, top_k)
-    return x_TD.index_select(0, order_N // top_k)
 
 
 def sum_by_adding(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
@@ -169,7 +163,7 @@ class LocalDispatcher:
         _check_routing(x_TD, routing, self.num_experts)
         top_k = routing.ids_TK.shape[1]
         order_N, counts_E = sort_by_expert(routing.ids_TK, self.num_experts)
-        rows_ND = permute_rows(x_TD, order_N, top_k)
+        rows_ND = ops.permute_rows(x_TD, order_N, top_k)
         row_weights_N = routing.weights_TK.reshape(-1).index_select(0, order_N)
         return rows_ND, counts_E, LocalHandle(row_weights_N, order_N, x_TD.shape[0], top_k)
 
@@ -239,7 +233,7 @@ class AllToAllDispatcher:
         received_WL = received_WL.view(self.world, local).cpu()
         send = counts_E.view(self.world, local).sum(1).tolist()
         receive = received_WL.sum(1).tolist()
-        rows = _AllToAll.apply(permute_rows(x_TD, order_N, top_k), receive, send, self.group)
+        rows = _AllToAll.apply(ops.permute_rows(x_TD, order_N, top_k), receive, send, self.group)
         weights = routing.weights_TK.reshape(-1).index_select(0, order_N)
         weights = _AllToAll.apply(weights, receive, send, self.group)
         # Received rows come by source rank, then expert; the experts want them by expert, then source.
