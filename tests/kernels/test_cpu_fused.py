@@ -202,8 +202,8 @@ def test_a_fresh_cache_builds_a_blocked_one_falls_back_to_tmp_and_no_compiler_to
     "change", [{}, {"q_lora_rank": None}, {"v_head_dim": 24}], ids=["lora", "q_proj", "v24"]
 )
 def test_mla_heads_match_the_attention_modules_own_heads(change: dict) -> None:
-    """The fused kernel against `MultiHeadLatentAttention._heads` run in float64: q, k, v and the
-    gradients of every projection weight and of the input."""
+    """The fused kernel against `MultiHeadLatentAttention._heads` (torch ops) run in float64, on the
+    module's own projections: q, k, v and the gradients of every projection weight and of the input."""
     from dsv3.model import ModelConfig
     from dsv3.model.attention import MultiHeadLatentAttention
     from dsv3.model.rope import RotaryEmbedding
@@ -222,9 +222,15 @@ def test_mla_heads_match_the_attention_modules_own_heads(change: dict) -> None:
     results = []
     for module, dtype in ((reference_module, torch.float64), (fused_module, torch.float32)):
         xi = x.to(dtype).detach().requires_grad_()
-        heads = (module._heads if dtype == torch.float64 else module._heads_fused)(
-            xi, cos.to(dtype), sin.to(dtype)
-        )
+        q = module._query_projection(xi)
+        latent, rope_key = module._latent_parts(xi)
+        projections = (q, module.kv_b_proj(latent), rope_key, cos.to(dtype), sin.to(dtype))
+        if dtype == torch.float64:
+            heads = module._heads(*projections)
+        else:
+            heads = ops.mla_heads(
+                *projections, config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+            )
         torch.autograd.backward(heads, [u.to(dtype) for u in upstream])
         grads = [p.grad for name, p in module.named_parameters() if not name.startswith("o_proj")]
         results.append((*heads, xi.grad, *grads))
@@ -308,3 +314,17 @@ def test_the_ops_wrappers_name_the_bad_argument() -> None:
         ops.mla_heads(q, kv, rope_key, cos[:2], sin[:2], 2, 8, 8)
     with pytest.raises(ops.KernelInputError, match="float32 CPU"):
         ops.mla_heads(q.double(), kv.double(), rope_key.double(), cos.double(), sin.double(), 2, 8, 8)
+
+
+def test_bf16_autocast_training_keeps_the_torch_path() -> None:
+    """Under CPU autocast the projections come out bf16: attention and the experts take torch's ops."""
+    from dsv3.model import DeepSeekV3, ModelConfig
+    from dsv3.model.loss import language_model_loss
+
+    torch.manual_seed(8)
+    model = DeepSeekV3(ModelConfig.flavour("debug")).train()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(8))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = language_model_loss(model(ids), ids).total
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.model.layers.parameters())

@@ -29,6 +29,11 @@ from dsv3.model.rope import apply_rotary
 LATENT_NORM_EPS = 1e-6
 
 
+def _rotate_key(rope_key_BTR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The one rope key every head shares, rotated: [B, T, R]."""
+    return apply_rotary(rope_key_BTR.unsqueeze(2), cos, sin).squeeze(2)
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -64,48 +69,58 @@ class MultiHeadLatentAttention(nn.Module):
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head (q_nope [B,T,H,U], rotated q_rope [B,T,H,R])."""
-        q_BTHQ = self._query_projection(x_BTD).unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
+        return self._split_queries(self._query_projection(x_BTD), cos, sin)
+
+    def _split_queries(
+        self, q_BTX: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_BTHQ = q_BTX.unflatten(-1, (self.num_heads, self.nope_dim + self.rope_dim))
         q_nope, q_rope = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, cos, sin)
+
+    def _latent_parts(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised latent c_KV [B,T,C], the shared rope key [B,T,R] before its rotation)."""
+        latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), rope_key
 
     def _latents(
         self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised latent c_KV [B,T,C], rotated shared rope key [B,T,R]): what the cache stores."""
-        latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        rope_key = apply_rotary(rope_key.unsqueeze(2), cos, sin).squeeze(2)
-        return self.kv_a_layernorm(latent), rope_key
+        latent_BTC, rope_key_BTR = self._latent_parts(x_BTD)
+        return latent_BTC, _rotate_key(rope_key_BTR, cos, sin)
 
     # ---- full path -------------------------------------------------------------------------------
     def forward_full(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x_BTD.shape
-        qk_dim = self.nope_dim + self.rope_dim
-        if self.v_dim <= qk_dim and ops.fused_cpu_training(x_BTD, self.kv_b_proj.weight):
-            q_BHTQ, k_BHTQ, v_BHTQ = self._heads_fused(x_BTD, cos, sin)
+        q_BTX = self._query_projection(x_BTD)
+        latent_BTC, rope_key_BTR = self._latent_parts(x_BTD)
+        kv_BTY = self.kv_b_proj(latent_BTC)  # per head [k_nope | v]
+        if self.v_dim <= self.nope_dim + self.rope_dim and ops.fused_cpu_training(
+            q_BTX, kv_BTY, rope_key_BTR
+        ):
+            # float32 CPU training: rotations, concatenations and V's padding in one fused pass
+            heads = ops.mla_heads(
+                q_BTX, kv_BTY, rope_key_BTR, cos, sin, self.num_heads, self.nope_dim, self.v_dim
+            )
         else:
-            q_BHTQ, k_BHTQ, v_BHTQ = self._heads(x_BTD, cos, sin)
-        out_BHTQ = F.scaled_dot_product_attention(
-            q_BHTQ, k_BHTQ, v_BHTQ, is_causal=True, scale=self.softmax_scale
-        )
+            heads = self._heads(q_BTX, kv_BTY, rope_key_BTR, cos, sin)
+        out_BHTQ = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.softmax_scale)
         out_BTHA = out_BHTQ[..., : self.v_dim].transpose(1, 2)
         return self.o_proj(out_BTHA.reshape(batch, tokens, self.num_heads * self.v_dim))
 
-    def _heads_fused(
-        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`_heads` in one fused CPU kernel (float32 training): same values, one pass."""
-        q = self._query_projection(x_BTD)
-        latent, rope_key = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
-        return ops.mla_heads(q, kv, rope_key, cos, sin, self.num_heads, self.nope_dim, self.v_dim)
-
     def _heads(
-        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        q_BTX: torch.Tensor,
+        kv_BTY: torch.Tensor,
+        rope_key_BTR: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SDPA's q, k [B, H, T, Q] and v [B, H, T, max(A, Q)]: V zero-padded to the query width."""
-        q_nope, q_rope = self._queries(x_BTD, cos, sin)
-        latent_BTC, rope_key_BTR = self._latents(x_BTD, cos, sin)
-        kv_per_head = self.kv_b_proj(latent_BTC).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
+        """SDPA's q, k [B, H, T, Q] and v [B, H, T, max(A, Q)] from the projections (V zero-padded)."""
+        q_nope, q_rope = self._split_queries(q_BTX, cos, sin)
+        rope_key_BTR = _rotate_key(rope_key_BTR, cos, sin)
+        kv_per_head = kv_BTY.unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
         k_nope, v_BTHA = kv_per_head.split([self.nope_dim, self.v_dim], dim=-1)
         rope_key_BTHR = rope_key_BTR[:, :, None, :].expand(-1, -1, self.num_heads, -1)
         q_BHTQ = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
