@@ -1,12 +1,12 @@
-"""`freeze_startup_objects`: objects alive at start-up leave the collector's generations; cycles made
-later are still collected."""
+"""`freeze_startup_objects`: objects alive at start-up leave the collector's generations, cycles made
+later are still collected, and `thaw_frozen_objects` hands them back."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-from dsv3.trainer.collector import freeze_startup_objects
+from dsv3.trainer.collector import freeze_startup_objects, thaw_frozen_objects
 
 
 class _Node:
@@ -27,4 +27,6 @@ def test_startup_objects_are_frozen_and_new_cycles_still_collected() -> None:
         gc.collect()
         assert watcher() is None
     finally:
-        gc.unfreeze()
+        thaw_frozen_objects()
+    assert gc.get_freeze_count() == 0
+    assert any(node is obj for obj in gc.get_objects() for node in kept[:1])

@@ -4,6 +4,7 @@ pass on its share of the torch threads, and a trainer run with them gives the lo
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def test_trainer_with_concurrent_passes_gives_the_losses_of_one_pass(
         with caplog.at_level(logging.INFO, logger="dsv3.trainer"):
             caplog.clear()
             train(TrainConfig(**base, **extra, output_dir=tmp_path / name))
+        assert gc.get_freeze_count() == 0  # the run froze set-up's objects, then thawed them
         passes = 1 if name == "one" else 2
         assert f"concurrent passes {passes}" in caplog.text, name
         losses[name] = launch.losses(tmp_path / name)

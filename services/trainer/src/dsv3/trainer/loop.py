@@ -32,7 +32,7 @@ from dsv3.serving import telemetry
 from dsv3.tokenizer import copy_tokenizer_files, load_tokenizer
 from dsv3.trainer.allocator import keep_freed_memory
 from dsv3.trainer.anomaly import Action, AnomalyDetector, Thresholds, agree
-from dsv3.trainer.collector import freeze_startup_objects
+from dsv3.trainer.collector import freeze_startup_objects, thaw_frozen_objects
 from dsv3.trainer.config import Layout, SettingsError, TrainConfig
 from dsv3.trainer.data import PackedSequences, token_stream
 from dsv3.trainer.export import export_model
@@ -244,6 +244,7 @@ def _train(
         return _run(config, layout, model, data, device, groups, board, passes)
     finally:
         passes.close()
+        thaw_frozen_objects()  # _run froze what set-up left behind
 
 
 def _run(
