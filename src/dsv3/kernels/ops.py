@@ -1,6 +1,7 @@
 """The one entry point through which the model calls compute kernels.
 
-Each op validates its inputs (raising `KernelInputError`, which names the argument), then dispatches:
+Each op validates its inputs (`dsv3.kernels.validation`: `KernelInputError`, which names the argument),
+then dispatches (`dsv3.kernels.backends`, whose choice functions this module re-exports):
 Triton kernels when the tensors live on CUDA and Triton is importable, the pure-torch reference
 (`dsv3.kernels.reference`) otherwise. The Triton modules (`fp8`, `gemm`, `moe`) are imported lazily, so
 this module imports without Triton.
@@ -23,184 +24,74 @@ grouped_swiglu_fp8_training.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-import os
 import warnings
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from dsv3.kernels import cpu_fused, reference, rms_norm_grad, scaled_mm
+from dsv3.kernels.backends import (
+    BACKEND_ENV,
+    BACKENDS,
+    backend,
+    force_backend,
+    fused_cpu_training,
+    needs_grad,
+    triton_available,
+    use_cpu_fused,
+    use_triton,
+)
+from dsv3.kernels.validation import (
+    FLOAT_DTYPES,
+    FP8,
+    KernelInputError,
+    cdiv,
+    check,
+    check_block,
+    check_counts,
+    check_experts,
+    check_offsets,
+    check_row_weights,
+    check_same_device,
+    check_scale,
+    check_tensor,
+)
 
+__all__ = [  # the ops, and the backend choice and error type callers use with them
+    "BACKENDS",
+    "BACKEND_ENV",
+    "KernelInputError",
+    "act_quant",
+    "backend",
+    "force_backend",
+    "fp8_gemm",
+    "fp8_linear",
+    "fused_cpu_training",
+    "grouped_gemm",
+    "grouped_gemm_fp8",
+    "grouped_swiglu",
+    "grouped_swiglu_fp8",
+    "grouped_swiglu_fp8_training",
+    "mla_heads",
+    "permute_rows",
+    "rms_norm",
+    "silu_mul",
+    "triton_available",
+    "unpermute_sum",
+    "weight_dequant",
+    "weight_quant",
+]
 
-class KernelInputError(ValueError):
-    """An op was called with tensors of the wrong shape, dtype or device."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise KernelInputError(message)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Backend choice
-# ---------------------------------------------------------------------------------------------------
-
-BACKENDS = ("auto", "triton", "torch")
-BACKEND_ENV = "DSV3_KERNELS"
-_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsv3_kernels", default=None)
 _SCALED_MM_REFUSED: set[tuple[int, int, bool]] = set()  # (n, k, rowwise b scales) cuBLAS refused at run time
-
-
-def backend() -> str:
-    """The requested backend: `force_backend(...)` if active, else $DSV3_KERNELS, else "auto"."""
-    name = _forced_backend.get() or os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
-
-
-@contextlib.contextmanager
-def force_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on `name` ("auto", "triton" or "torch")."""
-    if name not in BACKENDS:
-        raise ValueError(f"force_backend: {name!r} is not one of {', '.join(BACKENDS)}")
-    token = _forced_backend.set(name)
-    try:
-        yield
-    finally:
-        _forced_backend.reset(token)
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _use_triton(op: str, *tensors: torch.Tensor) -> bool:
-    choice = backend()
-    on_cuda = all(t.is_cuda for t in tensors)
-    if choice == "torch":
-        return False
-    if choice == "auto":
-        return on_cuda and triton_available()
-    if not triton_available():
-        raise RuntimeError(f"{op}: the triton backend was forced but triton is not importable")
-    if not on_cuda and not _interpreter_requested():
-        raise RuntimeError(
-            f"{op}: the triton backend on CPU tensors needs TRITON_INTERPRET=1, set before triton is imported"
-        )
-    return True
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def fused_cpu_training(*tensors: torch.Tensor) -> bool:
-    """Whether autograd needs these float32 CPU tensors' gradients and the fused CPU training kernels
-    (`cpu_fused`) are on: where the model calls `cpu_fused` kernels that have no other backend."""
-    return _needs_grad(*tensors) and _use_cpu_fused(*tensors)
-
-
-def _use_cpu_fused(*tensors: torch.Tensor) -> bool:
-    """The fused CPU training kernels (`cpu_fused`): float32 CPU tensors, the "auto" backend."""
-    return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and backend() == "auto"
-        and cpu_fused.available()
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation helpers
-# ---------------------------------------------------------------------------------------------------
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FP8 = torch.float8_e4m3fn
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _check_tensor(
-    op: str,
-    name: str,
-    t: object,
-    *,
-    dtypes: tuple[torch.dtype, ...] | None = None,
-    dim: int | None = None,
-    min_dim: int | None = None,
-    contiguous: bool = True,
-) -> None:
-    _check(isinstance(t, torch.Tensor), f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    assert isinstance(t, torch.Tensor)
-    if dtypes is not None:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        _check(t.dtype in dtypes, f"{op}: {name} must be {names}, got {str(t.dtype).removeprefix('torch.')}")
-    if dim is not None:
-        _check(t.dim() == dim, f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if min_dim is not None:
-        _check(t.dim() >= min_dim, f"{op}: {name} must have at least {min_dim} dims, got {tuple(t.shape)}")
-    if contiguous:
-        _check(t.is_contiguous(), f"{op}: {name} must be contiguous (call .contiguous())")
-
-
-def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    _check(len(set(devices.values())) == 1, f"{op}: tensors on different devices: {devices}")
-
-
-def _check_block(op: str, block_size: int, scale_fmt: str | None = None) -> None:
-    _check(
-        isinstance(block_size, int) and 16 <= block_size <= 1024 and block_size & (block_size - 1) == 0,
-        f"{op}: block_size must be a power of two in [16, 1024], got {block_size!r}",
-    )
-    _check(scale_fmt in (None, "ue8m0"), f"{op}: scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
-
-
-def _check_scale(op: str, name: str, s: torch.Tensor, shape: tuple[int, ...]) -> None:
-    _check_tensor(op, name, s, dtypes=(torch.float32,))
-    _check(tuple(s.shape) == shape, f"{op}: {name} must have shape {shape}, got {tuple(s.shape)}")
-
-
-def _check_offsets(op: str, offsets_E: torch.Tensor, num_experts: int, num_rows: int) -> None:
-    """Shape and dtype always; values (non-decreasing, ending at the row count) only on the CPU (no sync)."""
-    _check_tensor(op, "offsets_E", offsets_E, dtypes=(torch.int32,), dim=1)
-    _check(
-        offsets_E.shape[0] == num_experts,
-        f"{op}: offsets_E must have one entry per expert ({num_experts}), got {offsets_E.shape[0]}",
-    )
-    if offsets_E.device.type == "cpu" and num_experts:
-        _check(
-            bool((torch.diff(offsets_E) >= 0).all()) and int(offsets_E[0]) >= 0,
-            f"{op}: offsets_E must be non-decreasing cumulative row counts",
-        )
-        _check(
-            int(offsets_E[-1]) == num_rows,
-            f"{op}: offsets_E ends at {int(offsets_E[-1])} but x has {num_rows} rows",
-        )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension (float32 training: a closed-form backward, `rms_norm_grad`)."""
-    _check(
+    check(
         x.shape[-1] == weight.shape[-1], f"rms_norm: x has {x.shape[-1]} features, weight {weight.shape[-1]}"
     )
-    if x.dtype == weight.dtype == torch.float32 and _needs_grad(x, weight):
-        if _use_cpu_fused(x, weight):
+    if x.dtype == weight.dtype == torch.float32 and needs_grad(x, weight):
+        if use_cpu_fused(x, weight):
             return cpu_fused.rms_norm(x, weight, eps)
         return rms_norm_grad.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
@@ -219,30 +110,30 @@ def mla_heads(
     """MLA's SDPA inputs q, k, v [B, H, T, Q] in one fused CPU pass (`cpu_fused.mla_heads`): float32 CPU
     tensors with the fused kernels on only; elsewhere the model composes them from torch ops itself."""
     op = "mla_heads"
-    _check(
+    check(
         q_BTX.dim() == 3 and q_BTX.shape[-1] % heads == 0,
         f"{op}: q must be [B, T, H*Q], got {tuple(q_BTX.shape)}",
     )
     width = q_BTX.shape[-1] // heads
     rope = width - nope
-    _check(nope >= 0 and rope > 0 and rope % 2 == 0, f"{op}: nope={nope} leaves {rope} rope dims (even, > 0)")
-    _check(0 < vdim <= width, f"{op}: vdim={vdim} must be in (0, Q={width}]")
+    check(nope >= 0 and rope > 0 and rope % 2 == 0, f"{op}: nope={nope} leaves {rope} rope dims (even, > 0)")
+    check(0 < vdim <= width, f"{op}: vdim={vdim} must be in (0, Q={width}]")
     tokens = tuple(q_BTX.shape[:2])
-    _check(
+    check(
         tuple(kv_BTY.shape) == (*tokens, heads * (nope + vdim)),
         f"{op}: kv must be [B, T, H*(U+A)] = {(*tokens, heads * (nope + vdim))}, got {tuple(kv_BTY.shape)}",
     )
-    _check(
+    check(
         tuple(rope_key_BTR.shape) == (*tokens, rope),
         f"{op}: rope_key must be [B, T, R] = {(*tokens, rope)}, got {tuple(rope_key_BTR.shape)}",
     )
-    _check(
+    check(
         tuple(cos.shape) == tuple(sin.shape) == (tokens[1], rope // 2),
         f"{op}: cos/sin must be [T, R/2] = {(tokens[1], rope // 2)}, "
         f"got {tuple(cos.shape)} and {tuple(sin.shape)}",
     )
-    _check(
-        _use_cpu_fused(q_BTX, kv_BTY, rope_key_BTR, cos, sin),
+    check(
+        use_cpu_fused(q_BTX, kv_BTY, rope_key_BTR, cos, sin),
         f"{op}: float32 CPU tensors and the fused CPU kernels on (the model checks fused_cpu_training)",
     )
     return cpu_fused.mla_heads(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)
@@ -251,8 +142,8 @@ def mla_heads(
 def permute_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """The MoE's dispatched rows in expert order, x_TD[order_N // top_k] [N, D]: fused for float32 CPU
     training (its backward a gather-sum, no scatter), else torch's index_select."""
-    _check(x_TD.dim() == 2, f"permute_rows: x must be [T, D], got {tuple(x_TD.shape)}")
-    _check(
+    check(x_TD.dim() == 2, f"permute_rows: x must be [T, D], got {tuple(x_TD.shape)}")
+    check(
         order_N.dim() == 1 and order_N.dtype == torch.int64 and order_N.shape[0] == x_TD.shape[0] * top_k,
         f"permute_rows: order must be int64 [T*K = {x_TD.shape[0] * top_k}], got {order_N.dtype} "
         f"{tuple(order_N.shape)}",
@@ -266,20 +157,20 @@ def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int,
     """y[t] = the sum of token t's K rows (row i is token order_N[i] // K's), in one fused CPU pass that
     adds in choice order (`cpu_fused.unpermute_sum`): float32 CPU rows with the fused kernels on only;
     elsewhere `dsv3.model.dispatch.unpermute_sum` adds with torch ops."""
-    _check(
+    check(
         rows_ND.dim() == 2 and rows_ND.shape[0] == num_tokens * top_k == order_N.shape[0],
         f"unpermute_sum: rows {tuple(rows_ND.shape)} and order {tuple(order_N.shape)} must both hold "
         f"T*K = {num_tokens * top_k} rows",
     )
-    _check(order_N.dtype == torch.int64, f"unpermute_sum: order must be int64, got {order_N.dtype}")
-    _check(_use_cpu_fused(rows_ND), "unpermute_sum: float32 CPU rows with the fused CPU kernels on only")
+    check(order_N.dtype == torch.int64, f"unpermute_sum: order must be int64, got {order_N.dtype}")
+    check(use_cpu_fused(rows_ND), "unpermute_sum: float32 CPU rows with the fused CPU kernels on only")
     return cpu_fused.unpermute_sum(rows_ND, order_N, num_tokens, top_k)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (the dense SwiGLU's activation); fused on the CPU when training in float32."""
-    _check(gate.shape == up.shape, f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    if gate.dtype == up.dtype == torch.float32 and _needs_grad(gate, up) and _use_cpu_fused(gate, up):
+    check(gate.shape == up.shape, f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    if gate.dtype == up.dtype == torch.float32 and needs_grad(gate, up) and use_cpu_fused(gate, up):
         return cpu_fused.silu_mul(gate, up)
     return F.silu(gate) * up
 
@@ -296,9 +187,9 @@ def act_quant(
 
     A K that is not a multiple of 128 ends with a partial tile (scale over the elements present).
     """
-    _check_tensor("act_quant", "x", x, dtypes=_FLOAT_DTYPES, min_dim=1)
-    _check_block("act_quant", block_size, scale_fmt)
-    if _use_triton("act_quant", x):
+    check_tensor("act_quant", "x", x, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_block("act_quant", block_size, scale_fmt)
+    if use_triton("act_quant", x):
         from dsv3.kernels import fp8
 
         return fp8.act_quant(x, block_size, scale_fmt)
@@ -309,9 +200,9 @@ def weight_quant(
     w: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize w [..., N, K] per 128x128 block -> (float8_e4m3fn, fp32 [..., ceil(N/128), ceil(K/128)])."""
-    _check_tensor("weight_quant", "w", w, dtypes=_FLOAT_DTYPES, min_dim=2)
-    _check_block("weight_quant", block_size, scale_fmt)
-    if _use_triton("weight_quant", w):
+    check_tensor("weight_quant", "w", w, dtypes=FLOAT_DTYPES, min_dim=2)
+    check_block("weight_quant", block_size, scale_fmt)
+    if use_triton("weight_quant", w):
         from dsv3.kernels import fp8
 
         return fp8.weight_quant(w, block_size, scale_fmt)
@@ -322,13 +213,13 @@ def weight_dequant(
     w: torch.Tensor, s: torch.Tensor, block_size: int = 128, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """w [..., N, K] float8_e4m3fn times its block scales s [..., ceil(N/128), ceil(K/128)] -> `dtype`."""
-    _check_tensor("weight_dequant", "w", w, dtypes=(_FP8,), min_dim=2)
-    _check_block("weight_dequant", block_size)
+    check_tensor("weight_dequant", "w", w, dtypes=(FP8,), min_dim=2)
+    check_block("weight_dequant", block_size)
     n, k = w.shape[-2:]
-    _check_scale("weight_dequant", "s", s, (*w.shape[:-2], _cdiv(n, block_size), _cdiv(k, block_size)))
-    _check(dtype in _FLOAT_DTYPES, f"weight_dequant: dtype must be a float type, got {dtype}")
-    _check_same_device("weight_dequant", w=w, s=s)
-    if _use_triton("weight_dequant", w, s):
+    check_scale("weight_dequant", "s", s, (*w.shape[:-2], cdiv(n, block_size), cdiv(k, block_size)))
+    check(dtype in FLOAT_DTYPES, f"weight_dequant: dtype must be a float type, got {dtype}")
+    check_same_device("weight_dequant", w=w, s=s)
+    if use_triton("weight_dequant", w, s):
         from dsv3.kernels import fp8
 
         return fp8.weight_dequant(w, s, block_size, dtype)
@@ -338,20 +229,20 @@ def weight_dequant(
 def _check_fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> bool:
     """Validate `fp8_gemm` operands; returns whether b's scales are 1x128 tiles (else 128x128 blocks)."""
     op = "fp8_gemm"
-    _check_tensor(op, "a", a, dtypes=(_FP8,), dim=2)
-    _check_tensor(op, "b", b, dtypes=(_FP8,), dim=2)
+    check_tensor(op, "a", a, dtypes=(FP8,), dim=2)
+    check_tensor(op, "b", b, dtypes=(FP8,), dim=2)
     m, k = a.shape
     n = b.shape[0]
-    _check(b.shape[1] == k, f"{op}: a is [M, K={k}] but b is {tuple(b.shape)}; b must be [N, K]")
-    _check_scale(op, "a_s", a_s, (m, _cdiv(k, 128)))
-    _check_tensor(op, "b_s", b_s, dtypes=(torch.float32,), dim=2)
-    rowwise = tuple(b_s.shape) == (n, _cdiv(k, 128))
-    _check(
-        rowwise or tuple(b_s.shape) == (_cdiv(n, 128), _cdiv(k, 128)),
-        f"{op}: b_s must be [ceil(N/128), ceil(K/128)] = {(_cdiv(n, 128), _cdiv(k, 128))} (128x128 blocks) "
-        f"or [N, ceil(K/128)] = {(n, _cdiv(k, 128))} (1x128 tiles), got {tuple(b_s.shape)}",
+    check(b.shape[1] == k, f"{op}: a is [M, K={k}] but b is {tuple(b.shape)}; b must be [N, K]")
+    check_scale(op, "a_s", a_s, (m, cdiv(k, 128)))
+    check_tensor(op, "b_s", b_s, dtypes=(torch.float32,), dim=2)
+    rowwise = tuple(b_s.shape) == (n, cdiv(k, 128))
+    check(
+        rowwise or tuple(b_s.shape) == (cdiv(n, 128), cdiv(k, 128)),
+        f"{op}: b_s must be [ceil(N/128), ceil(K/128)] = {(cdiv(n, 128), cdiv(k, 128))} (128x128 blocks) "
+        f"or [N, ceil(K/128)] = {(n, cdiv(k, 128))} (1x128 tiles), got {tuple(b_s.shape)}",
     )
-    _check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
+    check_same_device(op, a=a, a_s=a_s, b=b, b_s=b_s)
     return rowwise
 
 
@@ -369,9 +260,9 @@ def fp8_gemm(
     blockwise scaled_mm or the Triton kernel; a shape cuBLAS refuses at run time falls back to Triton.
     """
     rowwise = _check_fp8_gemm(a, a_s, b, b_s)
-    _check(out_dtype in _FLOAT_DTYPES, f"fp8_gemm: out_dtype must be a float type, got {out_dtype}")
+    check(out_dtype in FLOAT_DTYPES, f"fp8_gemm: out_dtype must be a float type, got {out_dtype}")
     (m, k), n = a.shape, b.shape[0]
-    if not _use_triton("fp8_gemm", a, b):
+    if not use_triton("fp8_gemm", a, b):
         return reference.fp8_gemm(a, a_s, b, b_s, out_dtype)
     from dsv3.kernels import gemm
 
@@ -414,16 +305,16 @@ def fp8_linear(
     no host synchronisation; larger M quantize first and take `fp8_gemm`'s per-shape choice (cuBLAS).
     """
     op = "fp8_linear"
-    _check_tensor(op, "x", x, dtypes=_FLOAT_DTYPES, dim=2)
-    _check_tensor(op, "w", w, dtypes=(_FP8,), dim=2)
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "w", w, dtypes=(FP8,), dim=2)
     (m, k), n = x.shape, w.shape[0]
-    _check(w.shape[1] == k, f"{op}: x is [M, K={k}] but w is {tuple(w.shape)}; w must be [N, K]")
-    _check_scale(op, "w_s", w_s, (_cdiv(n, 128), _cdiv(k, 128)))
-    _check_block(op, 128, scale_fmt)
+    check(w.shape[1] == k, f"{op}: x is [M, K={k}] but w is {tuple(w.shape)}; w must be [N, K]")
+    check_scale(op, "w_s", w_s, (cdiv(n, 128), cdiv(k, 128)))
+    check_block(op, 128, scale_fmt)
     out_dtype = out_dtype or x.dtype
-    _check(out_dtype in _FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
-    _check_same_device(op, x=x, w=w, w_s=w_s)
-    if _use_triton(op, x, w) and (backend() == "triton" or m <= scaled_mm.DECODE_MAX_M):
+    check(out_dtype in FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
+    check_same_device(op, x=x, w=w, w_s=w_s)
+    if use_triton(op, x, w) and (backend() == "triton" or m <= scaled_mm.DECODE_MAX_M):
         from dsv3.kernels import gemm
 
         return gemm.fp8_gemm(x, None, w, w_s, out_dtype, scale_fmt=scale_fmt)
@@ -439,15 +330,15 @@ def fp8_linear(
 def grouped_gemm(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[r] = x[r] @ w[e].T for the rows offsets[e-1] <= r < offsets[e] of expert e (one launch)."""
     op = "grouped_gemm"
-    _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2)
-    _check_tensor(op, "w_EOI", w_EOI, dtypes=(x_ND.dtype,), dim=3)
-    _check(
+    check_tensor(op, "x_ND", x_ND, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "w_EOI", w_EOI, dtypes=(x_ND.dtype,), dim=3)
+    check(
         w_EOI.shape[2] == x_ND.shape[1],
         f"{op}: w_EOI must be [E, O, I={x_ND.shape[1]}], got {tuple(w_EOI.shape)}",
     )
-    _check_offsets(op, offsets_E, w_EOI.shape[0], x_ND.shape[0])
-    _check_same_device(op, x_ND=x_ND, w_EOI=w_EOI, offsets_E=offsets_E)
-    if _use_triton(op, x_ND, w_EOI):
+    check_offsets(op, offsets_E, w_EOI.shape[0], x_ND.shape[0])
+    check_same_device(op, x_ND=x_ND, w_EOI=w_EOI, offsets_E=offsets_E)
+    if use_triton(op, x_ND, w_EOI):
         from dsv3.kernels import moe
 
         return moe.grouped_gemm(x_ND, w_EOI, offsets_E)
@@ -465,59 +356,20 @@ def grouped_gemm_fp8(
     """`grouped_gemm` on float8_e4m3fn rows (x_s [N, ceil(K/128)]) and experts (w_s [E, ceil(O/128),
     ceil(K/128)]), scales applied per 128-wide K step, FP32 accumulation."""
     op = "grouped_gemm_fp8"
-    _check_tensor(op, "x_ND", x_ND, dtypes=(_FP8,), dim=2)
-    _check_tensor(op, "w_EOI", w_EOI, dtypes=(_FP8,), dim=3)
+    check_tensor(op, "x_ND", x_ND, dtypes=(FP8,), dim=2)
+    check_tensor(op, "w_EOI", w_EOI, dtypes=(FP8,), dim=3)
     (n, k), (e, o) = x_ND.shape, w_EOI.shape[:2]
-    _check(w_EOI.shape[2] == k, f"{op}: w_EOI must be [E, O, I={k}], got {tuple(w_EOI.shape)}")
-    _check_scale(op, "x_s", x_s, (n, _cdiv(k, 128)))
-    _check_scale(op, "w_s", w_s, (e, _cdiv(o, 128), _cdiv(k, 128)))
-    _check(out_dtype in _FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
-    _check_offsets(op, offsets_E, e, n)
-    _check_same_device(op, x_ND=x_ND, x_s=x_s, w_EOI=w_EOI, w_s=w_s, offsets_E=offsets_E)
-    if _use_triton(op, x_ND, w_EOI):
+    check(w_EOI.shape[2] == k, f"{op}: w_EOI must be [E, O, I={k}], got {tuple(w_EOI.shape)}")
+    check_scale(op, "x_s", x_s, (n, cdiv(k, 128)))
+    check_scale(op, "w_s", w_s, (e, cdiv(o, 128), cdiv(k, 128)))
+    check(out_dtype in FLOAT_DTYPES, f"{op}: out_dtype must be a float type, got {out_dtype}")
+    check_offsets(op, offsets_E, e, n)
+    check_same_device(op, x_ND=x_ND, x_s=x_s, w_EOI=w_EOI, w_s=w_s, offsets_E=offsets_E)
+    if use_triton(op, x_ND, w_EOI):
         from dsv3.kernels import moe
 
         return moe.grouped_gemm_fp8(x_ND, x_s, w_EOI, w_s, offsets_E, out_dtype)
     return reference.grouped_gemm_fp8(x_ND, x_s, w_EOI, w_s, offsets_E, out_dtype)
-
-
-def _check_experts(
-    op: str, x_ND: torch.Tensor, w_gate_up_E2FD: torch.Tensor, w_down_EDF: torch.Tensor
-) -> None:
-    num_experts, width2, hidden = w_gate_up_E2FD.shape
-    _check(
-        hidden == x_ND.shape[1] and width2 % 2 == 0,
-        f"{op}: w_gate_up_E2FD must be [E, 2F, D={x_ND.shape[1]}], got {tuple(w_gate_up_E2FD.shape)}",
-    )
-    _check(
-        tuple(w_down_EDF.shape) == (num_experts, hidden, width2 // 2),
-        f"{op}: w_down_EDF must be [E, D, F] = {(num_experts, hidden, width2 // 2)}, "
-        f"got {tuple(w_down_EDF.shape)}",
-    )
-
-
-def _check_counts(op: str, counts_E: torch.Tensor, num_experts: int, num_rows: int) -> None:
-    """Shape and dtype always; values (non-negative, summing to the rows) only on the CPU (no sync)."""
-    _check_tensor(op, "counts_E", counts_E, dim=1, contiguous=False)
-    _check(not counts_E.is_floating_point(), f"{op}: counts_E must be an integer tensor")
-    _check(
-        counts_E.shape[0] == num_experts,
-        f"{op}: counts_E must have one entry per expert ({num_experts}), got {counts_E.shape[0]}",
-    )
-    if counts_E.device.type == "cpu" and num_experts:
-        _check(bool((counts_E >= 0).all()), f"{op}: counts_E must be non-negative")
-        total = int(counts_E.sum())
-        _check(total == num_rows, f"{op}: counts_E sums to {total} but x has {num_rows} rows")
-
-
-def _check_row_weights(op: str, row_weights_N: torch.Tensor | None, num_rows: int) -> None:
-    if row_weights_N is None:
-        return
-    _check_tensor(op, "row_weights_N", row_weights_N, dtypes=_FLOAT_DTYPES, dim=1, contiguous=False)
-    _check(
-        row_weights_N.shape[0] == num_rows,
-        f"{op}: row_weights_N must have one weight per row ({num_rows}), got {row_weights_N.shape[0]}",
-    )
 
 
 def grouped_swiglu(
@@ -534,16 +386,16 @@ def grouped_swiglu(
     Triton (fused SwiGLU, no backward) on CUDA when no gradient is needed, else the torch reference.
     """
     op = "grouped_swiglu"
-    _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2, contiguous=False)
-    _check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
-    _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
-    _check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
-    _check_counts(op, counts_E, w_gate_up_E2FD.shape[0], x_ND.shape[0])
-    _check_row_weights(op, row_weights_N, x_ND.shape[0])
-    _check_same_device(op, x_ND=x_ND, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF)
+    check_tensor(op, "x_ND", x_ND, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
+    check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
+    check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
+    check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
+    check_counts(op, counts_E, w_gate_up_E2FD.shape[0], x_ND.shape[0])
+    check_row_weights(op, row_weights_N, x_ND.shape[0])
+    check_same_device(op, x_ND=x_ND, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF)
     tensors = (x_ND, w_gate_up_E2FD, w_down_EDF, *(() if row_weights_N is None else (row_weights_N,)))
     same_dtype = x_ND.dtype == w_gate_up_E2FD.dtype == w_down_EDF.dtype
-    if same_dtype and not _needs_grad(*tensors) and _use_triton(op, *tensors):
+    if same_dtype and not needs_grad(*tensors) and use_triton(op, *tensors):
         from dsv3.kernels import moe
 
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -551,7 +403,7 @@ def grouped_swiglu(
         return moe.grouped_swiglu(
             x_ND.contiguous(), offsets_E, w_gate_up_E2FD.contiguous(), w_down_EDF.contiguous(), weights
         )
-    if _needs_grad(*tensors) and _use_cpu_fused(*tensors):
+    if needs_grad(*tensors) and use_cpu_fused(*tensors):
         return reference.grouped_swiglu(
             x_ND, counts_E, w_gate_up_E2FD, w_down_EDF, row_weights_N, activation=cpu_fused.weighted_swiglu
         )
@@ -569,19 +421,19 @@ def grouped_swiglu_fp8(
 ) -> torch.Tensor:
     """`grouped_swiglu` with float8_e4m3fn experts (128x128 block scales) and 1x128-quantized rows."""
     op = "grouped_swiglu_fp8"
-    _check_tensor(op, "x_ND", x_ND, dtypes=_FLOAT_DTYPES, dim=2)
-    _check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=(_FP8,), dim=3)
-    _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=(_FP8,), dim=3)
-    _check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
+    check_tensor(op, "x_ND", x_ND, dtypes=FLOAT_DTYPES, dim=2)
+    check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=(FP8,), dim=3)
+    check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=(FP8,), dim=3)
+    check_experts(op, x_ND, w_gate_up_E2FD, w_down_EDF)
     e, h, d = w_gate_up_E2FD.shape
-    _check_scale(op, "s_gate_up", s_gate_up, (e, _cdiv(h, 128), _cdiv(d, 128)))
-    _check_scale(op, "s_down", s_down, (e, _cdiv(d, 128), _cdiv(h // 2, 128)))
-    _check_counts(op, counts_E, e, x_ND.shape[0])
-    _check_row_weights(op, row_weights_N, x_ND.shape[0])
+    check_scale(op, "s_gate_up", s_gate_up, (e, cdiv(h, 128), cdiv(d, 128)))
+    check_scale(op, "s_down", s_down, (e, cdiv(d, 128), cdiv(h // 2, 128)))
+    check_counts(op, counts_E, e, x_ND.shape[0])
+    check_row_weights(op, row_weights_N, x_ND.shape[0])
     args = (x_ND, w_gate_up_E2FD, s_gate_up, w_down_EDF, s_down)
     names = ("x_ND", "w_gate_up_E2FD", "s_gate_up", "w_down_EDF", "s_down")
-    _check_same_device(op, **dict(zip(names, args, strict=True)))
-    if _use_triton(op, x_ND, w_gate_up_E2FD, w_down_EDF):
+    check_same_device(op, **dict(zip(names, args, strict=True)))
+    if use_triton(op, x_ND, w_gate_up_E2FD, w_down_EDF):
         from dsv3.kernels import moe
 
         offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -607,19 +459,19 @@ def grouped_swiglu_fp8_training(
     the rows' quantization, and x's gradient sums each source row's copies.
     """
     op = "grouped_swiglu_fp8_training"
-    _check_tensor(op, "x", x, dtypes=_FLOAT_DTYPES, dim=2, contiguous=False)
-    _check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
-    _check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=_FLOAT_DTYPES, dim=3, contiguous=False)
-    _check_experts(op, x, w_gate_up_E2FD, w_down_EDF)
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES, dim=2, contiguous=False)
+    check_tensor(op, "w_gate_up_E2FD", w_gate_up_E2FD, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
+    check_tensor(op, "w_down_EDF", w_down_EDF, dtypes=FLOAT_DTYPES, dim=3, contiguous=False)
+    check_experts(op, x, w_gate_up_E2FD, w_down_EDF)
     num_rows = x.shape[0]
     if rows_N is not None:
-        _check_tensor(op, "rows_N", rows_N, dim=1)
-        _check(not rows_N.is_floating_point(), f"{op}: rows_N must be an integer tensor")
+        check_tensor(op, "rows_N", rows_N, dim=1)
+        check(not rows_N.is_floating_point(), f"{op}: rows_N must be an integer tensor")
         num_rows = rows_N.shape[0]
-    _check_counts(op, counts_E, w_gate_up_E2FD.shape[0], num_rows)
-    _check_row_weights(op, row_weights_N, num_rows)
-    _check_block(op, 128, scale_fmt)
-    _check_same_device(op, x=x, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF, counts_E=counts_E)
+    check_counts(op, counts_E, w_gate_up_E2FD.shape[0], num_rows)
+    check_row_weights(op, row_weights_N, num_rows)
+    check_block(op, 128, scale_fmt)
+    check_same_device(op, x=x, w_gate_up_E2FD=w_gate_up_E2FD, w_down_EDF=w_down_EDF, counts_E=counts_E)
     from dsv3.kernels import fp8_experts
 
     return fp8_experts.grouped_swiglu_fp8_training(
@@ -630,5 +482,5 @@ def grouped_swiglu_fp8_training(
         row_weights_N,
         rows_N=rows_N,
         scale_fmt=scale_fmt,
-        use_triton=_use_triton(op, x, w_gate_up_E2FD, w_down_EDF),
+        use_triton=use_triton(op, x, w_gate_up_E2FD, w_down_EDF),
     )
