@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from dsv3.kernels.reference import inverse_permutation
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_fused.c")
@@ -351,12 +353,6 @@ def _sum(src: torch.Tensor, inverse: torch.Tensor, tokens: int, top_k: int) -> t
     return out
 
 
-def _inverse(order: torch.Tensor) -> torch.Tensor:
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), dtype=order.dtype)
-    return inverse
-
-
 class _PermuteRows(torch.autograd.Function):
     """rows[i] = x[order[i] // K]; the backward sums each token's K row gradients (choice order)."""
 
@@ -369,7 +365,7 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         (order,) = ctx.saved_tensors
-        return _sum(grad.contiguous(), _inverse(order), ctx.tokens, ctx.top_k), None, None
+        return _sum(grad.contiguous(), inverse_permutation(order), ctx.tokens, ctx.top_k), None, None
 
 
 class _UnpermuteSum(torch.autograd.Function):
@@ -379,7 +375,7 @@ class _UnpermuteSum(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, order: torch.Tensor, tokens: int, top_k: int) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(order)
         ctx.top_k = top_k
-        return _sum(rows.contiguous(), _inverse(order), tokens, top_k)
+        return _sum(rows.contiguous(), inverse_permutation(order), tokens, top_k)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]

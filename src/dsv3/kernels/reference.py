@@ -21,6 +21,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i (O(N), unlike a second sort): the MoE dispatch's way back."""
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device, dtype=order_N.dtype)
+    return inverse_N
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for a [..., 2F] tensor holding [gate | up]."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.kernels import ops
+from dsv3.kernels.reference import inverse_permutation  # shared with the fused CPU kernels
 
 
 @dataclasses.dataclass
@@ -83,18 +84,12 @@ def sort_by_expert(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return order_N, counts_E
 
 
-def inverse_permutation(order_N: torch.Tensor) -> torch.Tensor:
-    """inverse[order[i]] = i (O(N), unlike a second sort)."""
-    inverse_N = torch.empty_like(order_N)
-    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device, dtype=order_N.dtype)
-    return inverse_N
-
-
 def unpermute_sum(rows_ND: torch.Tensor, order_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """y[t] = sum of the rows of token t (row i belongs to token order_N[i] // K), summed in at least fp32.
 
-    On the CPU rows are added into their tokens in row order (deterministic, one pass). On CUDA that add
-    would use atomics, so rows are gathered back into (token, choice) order and summed per token instead.
+    On the CPU rows are added into their tokens in row order (deterministic, one pass); float32 training
+    there takes the fused kernel, which adds each token's rows in choice order. On CUDA that add would use
+    atomics, so rows are gathered back into (token, choice) order and summed per token instead.
     """
     if ops.fused_cpu_training(rows_ND):
         return ops.unpermute_sum(rows_ND, order_N, num_tokens, top_k)
