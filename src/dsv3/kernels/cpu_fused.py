@@ -285,8 +285,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(gate_rows, up_rows).view(shape)
 
 
-class _MLAHeads(torch.autograd.Function):
-    """MLA's per-head q, k, v [B, H, T, Q] from the projections (see `mla_heads`), in one pass."""
+class MLAHeads(torch.autograd.Function):
+    """MLA's per-head q, k, v [B, H, T, Q] from the projections, in one pass: `ops.mla_heads` (which
+    documents and validates the arguments) applies it. Replaces a split, two rotations, two
+    concatenations, an expand, a pad and their backward ops."""
 
     @staticmethod
     def forward(ctx, q, kv, rope_key, cos, sin, heads: int, nope: int, vdim: int):  # type: ignore[override]
@@ -309,8 +311,11 @@ class _MLAHeads(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k, grad_v):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
         batch, tokens, heads, nope, rope, vdim = ctx.dims
-        zeros = torch.zeros(batch, heads, tokens, nope + rope, dtype=cos.dtype)
-        grad_q, grad_k, grad_v = (zeros if g is None else g.contiguous() for g in (grad_q, grad_k, grad_v))
+        grads = [grad_q, grad_k, grad_v]
+        if any(g is None for g in grads):  # an output autograd had no gradient for: its gradient is zero
+            zeros = torch.zeros(batch, heads, tokens, nope + rope, dtype=cos.dtype)
+            grads = [zeros if g is None else g for g in grads]
+        grad_q, grad_k, grad_v = (g.contiguous() for g in grads)
         dq = torch.empty(batch, tokens, heads * (nope + rope), dtype=cos.dtype)
         dkv = torch.empty(batch, tokens, heads * (nope + vdim), dtype=cos.dtype)
         drope_key = torch.empty(batch, tokens, rope, dtype=cos.dtype)
@@ -319,24 +324,6 @@ class _MLAHeads(torch.autograd.Function):
             batch, tokens, heads, nope, rope, vdim, dq.data_ptr(), dkv.data_ptr(), drope_key.data_ptr(),
         )  # fmt: skip
         return dq, dkv, drope_key, None, None, None, None, None
-
-
-def mla_heads(
-    q_BTX: torch.Tensor,
-    kv_BTY: torch.Tensor,
-    rope_key_BTR: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    heads: int,
-    nope: int,
-    vdim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Multi-head latent attention's SDPA inputs, each [B, H, T, Q] contiguous, for float32 CPU tensors:
-    q = [q_nope | rot(q_rope)] per head from `q_BTX` [B, T, H*Q]; k = [k_nope | rot(rope_key)] with the
-    one rope key shared by every head, k_nope from `kv_BTY` [B, T, H*(U+A)]; v from `kv_BTY`, zero-padded
-    to width Q. cos/sin [T, R/2] as `dsv3.model.rope`. Replaces a split, two rotations, two concatenations,
-    an expand, a pad and their backward ops."""
-    return _MLAHeads.apply(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)
 
 
 def _gather(src: torch.Tensor, index: torch.Tensor, divisor: int) -> torch.Tensor:

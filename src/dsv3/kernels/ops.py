@@ -107,8 +107,11 @@ def mla_heads(
     nope: int,
     vdim: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MLA's SDPA inputs q, k, v [B, H, T, Q] in one fused CPU pass (`cpu_fused.mla_heads`): float32 CPU
-    tensors with the fused kernels on only; elsewhere the model composes them from torch ops itself."""
+    """Multi-head latent attention's SDPA inputs, each [B, H, T, Q] contiguous, in one fused CPU pass
+    (`cpu_fused.MLAHeads`): q = [q_nope | rot(q_rope)] per head from `q_BTX` [B, T, H*Q]; k = [k_nope |
+    rot(rope_key)], the one rope key shared by every head, k_nope from `kv_BTY` [B, T, H*(U+A)]; v from
+    `kv_BTY`, zero-padded to width Q. cos/sin [T, R/2] as `dsv3.model.rope`. Float32 CPU tensors with the
+    fused kernels on only; elsewhere the model composes them from torch ops itself."""
     op = "mla_heads"
     check(
         q_BTX.dim() == 3 and q_BTX.shape[-1] % heads == 0,
@@ -136,7 +139,7 @@ def mla_heads(
         use_cpu_fused(q_BTX, kv_BTY, rope_key_BTR, cos, sin),
         f"{op}: float32 CPU tensors and the fused CPU kernels on (the model checks fused_cpu_training)",
     )
-    return cpu_fused.mla_heads(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)
+    return cpu_fused.MLAHeads.apply(q_BTX, kv_BTY, rope_key_BTR, cos, sin, heads, nope, vdim)
 
 
 def permute_rows(x_TD: torch.Tensor, order_N: torch.Tensor, top_k: int) -> torch.Tensor:
