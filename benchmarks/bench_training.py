@@ -37,6 +37,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import torch
@@ -82,15 +83,8 @@ def _trainer_round(steps: int, out: Path, **options) -> float:
 
 def _trainer_round_torch_ops(steps: int, out: Path) -> float:
     """The trainer with its fused C kernels off (`DSV3_CPU_KERNELS=0`): torch's ops everywhere."""
-    previous = os.environ.get(cpu_fused.ENABLE_ENV)
-    os.environ[cpu_fused.ENABLE_ENV] = "0"
-    try:
+    with mock.patch.dict(os.environ, {cpu_fused.ENABLE_ENV: "0"}):
         return _trainer_round(steps, out)
-    finally:
-        if previous is None:
-            del os.environ[cpu_fused.ENABLE_ENV]
-        else:
-            os.environ[cpu_fused.ENABLE_ENV] = previous
 
 
 def _step_peak_mib(options: dict, threads: int) -> float:
