@@ -40,9 +40,9 @@ SOURCE = Path(__file__).with_name("cpu_fused.c")
 ENABLE_ENV = "DSV3_CPU_KERNELS"
 CACHE_ENV = "DSV3_KERNEL_CACHE"
 # libmvec's vector expf first; a C library without it still gets the kernels, with scalar expf.
-_FLAG_SETS = (
-    ("-DDSV3_VECTOR_EXPF", "-lmvec"),
-    (),
+_FLAG_SETS = (  # (defines, libraries)
+    (("-DDSV3_VECTOR_EXPF",), ("-lmvec",)),
+    ((), ()),
 )
 _BASE_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
 
@@ -103,11 +103,9 @@ def _cpu_identity() -> str:
 def _compile(compiler: str, target: Path) -> bool:
     """Build the library at `target` (atomically: concurrent builders each write their own file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for extra in _FLAG_SETS:
+    for defines, libraries in _FLAG_SETS:
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             partial = Path(tmp.name)
-        defines = [flag for flag in extra if flag.startswith("-D")]
-        libraries = [flag for flag in extra if flag.startswith("-l")]
         command = [compiler, *_BASE_FLAGS, *defines, "-o", str(partial), str(SOURCE), "-lm", *libraries]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode == 0:
@@ -121,13 +119,14 @@ def _compile(compiler: str, target: Path) -> bool:
 _BUILD_LOCK = threading.Lock()
 
 
+@functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The loaded library, built on first use; one build per process even when pass threads race."""
+    """The loaded library, built on first use. Pass threads that race to the first call take the lock in
+    turn: the first builds, the next finds the file. Later calls hit the cache, without the lock."""
     with _BUILD_LOCK:
         return _load()
 
 
-@functools.cache
 def _load() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
